@@ -1,0 +1,24 @@
+# The two README commands: `make demo` and `make test`. Both install what is missing first.
+PY := /usr/bin/python3
+export LIBTBX_BUILD ?= /usr/lib/cctbx/python3.11
+
+.PHONY: env demo test default-model benchmark clean
+
+env:
+	@bash tools/ensure_env.sh
+
+demo: env
+	@bash tools/demo.sh
+
+test: env
+	$(PY) -m pytest -p no:cacheprovider tests
+
+# Reproduces the embedded default model from scratch (simulated stills, < 1 h on 2 cores).
+default-model: env
+	$(PY) -m dials_cnn.default_model
+
+benchmark: env
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf .make demo_run work_data
