@@ -10,6 +10,7 @@ COMMANDS = {
     "dials.cnn_simulate": "simulate",
     "dials.cnn_train": "train",
     "dials.cnn_classify": "classify",
+    "dials.cnn_annotate": "annotate",
 }
 
 FORMATS = [
