@@ -36,7 +36,9 @@ setup(
         "dials_cnn.command_line": "command_line",
     },
     package_data={"dials_cnn": ["data/*.pt", "data/*.json"]},
-    install_requires=["numpy", "h5py", "torch>=2.0"],
+    # h5py comes from Debian (registered as h5py._debian_h5py_serial), so it is not declared here:
+    # pkg_resources would otherwise refuse to load our dxtbx.format entry points.
+    install_requires=["numpy", "torch>=2.0"],
     entry_points={
         "console_scripts": [
             f"{name} = dials_cnn.command_line.{module}:run" for name, module in COMMANDS.items()
