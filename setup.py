@@ -11,6 +11,8 @@ COMMANDS = {
     "dials.cnn_train": "train",
     "dials.cnn_classify": "classify",
     "dials.cnn_annotate": "annotate",
+    "dials.cnn_evaluate": "evaluate",
+    "dials.cnn_stills_process": "stills_process",
 }
 
 FORMATS = [
