@@ -5,12 +5,21 @@ import os
 import tempfile
 
 
+def _temporary_beside(path):
+    """A new temporary file in ``path``'s folder, with the permissions a plain open() would give."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs are meant to be shared
+    return fd, tmp
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="w", **open_kwargs):
     """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
@@ -28,8 +37,7 @@ def atomic_path(path):
     """Yield a temporary path beside ``path`` for libraries that open files themselves (h5py, torch);
     it replaces ``path`` only if the block succeeds."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = _temporary_beside(path)
     os.close(fd)
     try:
         yield tmp

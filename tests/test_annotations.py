@@ -37,3 +37,13 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
         write_annotations(target, [("a.h5", 0, "HIT"), ("a.h5", 1, "UNSURE")])
     assert target.read_text() == "a.h5 [1] HIT\n"
     assert [p.name for p in tmp_path.iterdir()] == ["expert_annotation.txt"]
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    target = tmp_path / "expert_annotation.txt"
+    write_annotations(target, [("a.h5", 0, "HIT")])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
