@@ -1,0 +1,224 @@
+"""Any dxtbx image -> one flat 2-D array around the direct beam (the network's view of a detector).
+
+A single panel normal to the beam is used as stored (no resampling). A multi-panel detector (a
+64-ASIC CSPAD, a Pilatus or Eiger with module gaps) is placed on a virtual flat detector normal to
+the beam from the panels' lab-frame geometry. The mapping virtual pixel -> source pixel is computed
+once per detector and cached, so each image costs one gather.
+
+Conventions (the paper's): gaps, masked and untrusted-low pixels are 0; negatives are clipped to 0.
+Pixels above the trusted range are overloads of bright Bragg spots, so they are clipped to the upper
+bound rather than zeroed (zeroing them would erase the strongest spots).
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+class ProjectionError(ValueError):
+    """The detector geometry cannot be flattened (e.g. a panel parallel to the beam)."""
+
+
+@dataclasses.dataclass
+class FlatImage:
+    """A flat detector image: ``data[slow, fast]`` in counts, ``mask`` True where the pixel is valid."""
+
+    data: np.ndarray  # float32 (slow, fast)
+    mask: np.ndarray  # bool, same shape
+    beam_centre_px: tuple  # (x fast, y slow), pixel coordinates (pixel centres at i + 0.5)
+    pixel_size_mm: float
+
+
+@dataclasses.dataclass
+class DetectorProjection:
+    """The precomputed gather of one detector geometry onto a flat grid."""
+
+    shape: tuple  # (slow, fast) of the flat image
+    source_index: np.ndarray  # int64 flat index into the concatenated panels, -1 for gaps; None: identity
+    beam_centre_px: tuple
+    pixel_size_mm: float
+    panel_sizes: tuple  # number of pixels per panel, for concatenation
+    trusted_ranges: tuple  # per panel (low, high)
+
+    def flatten(self, panels_data, static_mask=None):
+        """``panels_data``: one 2-D array per panel; ``static_mask``: one bool array per panel or None."""
+        if len(panels_data) != len(self.panel_sizes):
+            raise ProjectionError(
+                f"image has {len(panels_data)} panel(s), detector model has {len(self.panel_sizes)}"
+            )
+        cleaned = []
+        valid = []
+        for k, raw in enumerate(panels_data):
+            values = np.asarray(raw, dtype=np.float32)
+            if values.size != self.panel_sizes[k]:
+                raise ProjectionError(
+                    f"panel {k} has {values.size} pixels, detector model says {self.panel_sizes[k]}"
+                )
+            low, high = self.trusted_ranges[k]
+            ok = values > low
+            if static_mask is not None:
+                ok &= np.asarray(static_mask[k], dtype=bool).reshape(values.shape)
+            values = np.where(ok, np.clip(values, 0.0, high), 0.0).astype(np.float32, copy=False)
+            cleaned.append(values.ravel())
+            valid.append(ok.ravel())
+        if self.source_index is None:  # single panel normal to the beam: no resampling
+            data = cleaned[0].reshape(self.shape)
+            mask = valid[0].reshape(self.shape)
+        else:
+            values = np.concatenate(cleaned + [np.zeros(1, np.float32)])
+            ok = np.concatenate(valid + [np.zeros(1, bool)])
+            data = values[self.source_index]  # -1 picks the trailing 0 / False
+            mask = ok[self.source_index]
+        return FlatImage(data, mask, self.beam_centre_px, self.pixel_size_mm)
+
+
+def _beam_unit(beam):
+    direction = np.array(beam.get_s0(), dtype=np.float64)
+    norm = np.linalg.norm(direction)
+    if norm == 0:
+        raise ProjectionError("beam has no direction")
+    return direction / norm
+
+
+def build_projection(detector, beam):
+    """Compute the :class:`DetectorProjection` of ``detector`` seen along ``beam``."""
+    unit = _beam_unit(beam)
+    panels = list(detector)
+    trusted = tuple(tuple(float(v) for v in p.get_trusted_range()) for p in panels)
+    sizes = tuple(int(p.get_image_size()[0] * p.get_image_size()[1]) for p in panels)
+    first = panels[0]
+    normal = np.cross(first.get_fast_axis(), first.get_slow_axis())
+    if len(panels) == 1 and abs(abs(np.dot(normal, unit)) - 1) < 1e-6:
+        nfast, nslow = first.get_image_size()
+        centre = first.get_beam_centre_px(beam.get_s0())
+        return DetectorProjection(
+            (nslow, nfast), None, (float(centre[0]), float(centre[1])),
+            float(first.get_pixel_size()[0]), sizes, trusted,
+        )
+    # Virtual plane normal to the beam; its axes follow the first panel's axes projected onto it.
+    fast_axis = np.array(first.get_fast_axis()) - np.dot(first.get_fast_axis(), unit) * unit
+    if np.linalg.norm(fast_axis) < 1e-6:
+        raise ProjectionError("the first panel's fast axis is parallel to the beam")
+    fast_axis /= np.linalg.norm(fast_axis)
+    slow_axis = np.array(first.get_slow_axis()) - np.dot(first.get_slow_axis(), unit) * unit
+    slow_axis -= np.dot(slow_axis, fast_axis) * fast_axis
+    if np.linalg.norm(slow_axis) < 1e-6:
+        slow_axis = np.cross(unit, fast_axis)
+    slow_axis /= np.linalg.norm(slow_axis)
+    pixel_size = min(min(p.get_pixel_size()) for p in panels)
+    plane_distance = float(np.mean([np.dot(p.get_origin(), unit) for p in panels]))
+    if plane_distance <= 0:
+        raise ProjectionError("the detector is not downstream of the sample")
+
+    def to_plane(points):
+        """Lab points (K, 3) -> virtual-plane coordinates (K, 2) in pixels, along rays from the sample."""
+        along = points @ unit
+        if np.any(along <= 0):
+            raise ProjectionError("a panel lies behind the sample")
+        on_plane = points * (plane_distance / along)[:, None]
+        return np.stack([on_plane @ fast_axis, on_plane @ slow_axis], axis=1) / pixel_size
+
+    # The grid's phase follows the first panel's pixel corners, so panels normal to the beam at the
+    # plane's distance map one to one (no resampling); extent from every panel's projected corners.
+    anchor = to_plane(np.array([first.get_origin()]))[0]
+    corners = []
+    for panel in panels:
+        nfast, nslow = panel.get_image_size()
+        lab = np.array([panel.get_pixel_lab_coord((f, s)) for f in (0, nfast) for s in (0, nslow)])
+        corners.append(to_plane(lab) - anchor)
+    all_corners = np.concatenate(corners)
+    low = np.floor(all_corners.min(axis=0) + 1e-6).astype(np.int64)
+    high = np.ceil(all_corners.max(axis=0) - 1e-6).astype(np.int64)
+    nfast_v, nslow_v = (high - low).tolist()
+    index = np.full((nslow_v, nfast_v), -1, dtype=np.int64)
+    offset = 0
+    for panel, panel_corners, size in zip(panels, corners, sizes):
+        # Inverse map: the centre of every virtual pixel under this panel's footprint, back along its
+        # ray onto the panel; the panel pixel it hits is its source (nearest neighbour, no holes).
+        c0 = np.floor(panel_corners.min(axis=0) + 1e-6).astype(np.int64) - low
+        c1 = np.ceil(panel_corners.max(axis=0) - 1e-6).astype(np.int64) - low
+        cols = np.arange(max(c0[0], 0), min(c1[0], nfast_v))
+        rows = np.arange(max(c0[1], 0), min(c1[1], nslow_v))
+        u = (cols + low[0] + 0.5 + anchor[0]) * pixel_size
+        v = (rows + low[1] + 0.5 + anchor[1]) * pixel_size
+        rays = (plane_distance * unit)[None, None, :] + v[:, None, None] * slow_axis + u[None, :, None] * fast_axis
+        origin = np.array(panel.get_origin())
+        fast, slow = np.array(panel.get_fast_axis()), np.array(panel.get_slow_axis())
+        normal = np.cross(fast, slow)
+        denominator = rays @ normal
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hit = rays * (np.dot(origin, normal) / denominator)[..., None] - origin
+        px_fast, px_slow = panel.get_pixel_size()
+        nfast, nslow = panel.get_image_size()
+        a = np.floor(hit @ fast / px_fast)
+        b = np.floor(hit @ slow / px_slow)
+        inside = (denominator != 0) & (a >= 0) & (a < nfast) & (b >= 0) & (b < nslow)
+        source = np.where(inside, offset + b * nfast + a, -1).astype(np.int64)
+        block = index[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] if len(rows) and len(cols) else None
+        if block is not None:
+            block[inside] = source[inside]  # where panels overlap on the plane, the later one wins
+        offset += size
+    beam_px = (float(-anchor[0] - low[0]), float(-anchor[1] - low[1]))
+    return DetectorProjection(
+        (int(nslow_v), int(nfast_v)), index, beam_px, float(pixel_size), sizes, trusted,
+    )
+
+
+def _geometry_key(detector, beam):
+    parts = [tuple(np.round(_beam_unit(beam), 9))]
+    for p in detector:
+        parts.append(
+            (p.get_image_size(), p.get_pixel_size(), tuple(np.round(p.get_origin(), 6)),
+             tuple(np.round(p.get_fast_axis(), 9)), tuple(np.round(p.get_slow_axis(), 9)),
+             p.get_trusted_range())
+        )
+    return tuple(parts)
+
+
+_PROJECTIONS = {}
+
+
+def projection_for(detector, beam):
+    """Cached :func:`build_projection` (keyed by the geometry, so stills sharing it share the lookup)."""
+    key = _geometry_key(detector, beam)
+    projection = _PROJECTIONS.get(key)
+    if projection is None:
+        if len(_PROJECTIONS) > 64:
+            _PROJECTIONS.clear()
+        projection = _PROJECTIONS[key] = build_projection(detector, beam)
+    return projection
+
+
+def static_mask(imageset):
+    """Per-panel bool arrays from the format's static mask (or None): read once per imageset."""
+    lookup = imageset.external_lookup.mask.data
+    if lookup.empty():
+        return None
+    return [np.asarray(tile.data().as_numpy_array(), dtype=bool) for tile in lookup]
+
+
+def flatten_image(imageset, index, mask=None):
+    """Read image ``index`` of a dxtbx ``imageset`` as a :class:`FlatImage`.
+
+    ``mask`` is :func:`static_mask` of the imageset when the caller reads many images (pass it to
+    avoid rebuilding it); otherwise it is looked up here.
+    """
+    detector = imageset.get_detector(index)
+    beam = imageset.get_beam(index)
+    raw = imageset.get_raw_data(index)
+    if not isinstance(raw, tuple):
+        raw = (raw,)
+    panels_data = [r.as_numpy_array() for r in raw]
+    if mask is None:
+        mask = static_mask(imageset)
+    return projection_for(detector, beam).flatten(panels_data, mask)
+
+
+def flat_from_array(data, beam_centre_px=None, pixel_size_mm=0.11, mask=None):
+    """A :class:`FlatImage` from an in-memory array (simulated stills, tests); negatives clipped to 0."""
+    values = np.asarray(data, dtype=np.float32)
+    valid = np.ones(values.shape, bool) if mask is None else np.asarray(mask, dtype=bool)
+    values = np.where(valid, np.clip(values, 0.0, None), 0.0).astype(np.float32, copy=False)
+    if beam_centre_px is None:
+        beam_centre_px = (values.shape[1] / 2.0, values.shape[0] / 2.0)
+    return FlatImage(values, valid, (float(beam_centre_px[0]), float(beam_centre_px[1])), float(pixel_size_mm))

@@ -1,0 +1,199 @@
+"""dials.cnn_classify on real dxtbx files: every image accounted for, outputs, error paths."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from dials.util import Sorry
+from dxtbx.format.FormatCBFMini import FormatCBFMini
+from dxtbx.model import BeamFactory, DetectorFactory
+from dxtbx.model.experiment_list import ExperimentListFactory
+from scitbx.array_family import flex
+
+from dials_cnn import presets, simulate
+from dials_cnn.command_line import classify as classify_command
+from dials_cnn.model import MODEL_FORMAT_VERSION, build_network, save_model
+from dials_cnn.preprocess import PreprocessParams
+
+SIDE = 320  # simulated stills cut to SIDE x SIDE around the beam keep the files and the test small
+PARAMS = PreprocessParams(pipeline="native", crop=64, bin=2)
+
+
+def write_simulated_cbfs(directory, preset_name, count, seed):
+    """``count`` simulated stills of a preset, cut around the beam, as Pilatus-style mini-CBF files.
+    Returns (paths, labels)."""
+    rng = np.random.default_rng(seed)
+    preset = presets.get_preset(preset_name)
+    paths, labels = [], []
+    for k in range(count):
+        still = simulate.simulate_still(simulate.sample_shot(preset, rng), rng)
+        cx, cy = (int(round(v)) for v in still.beam_centre_px)
+        cut = still.image[cy - SIDE // 2 : cy + SIDE // 2, cx - SIDE // 2 : cx + SIDE // 2].astype(np.int32)
+        cut[~still.mask[cy - SIDE // 2 : cy + SIDE // 2, cx - SIDE // 2 : cx + SIDE // 2]] = -1
+        px = still.pixel_size_mm
+        detector = DetectorFactory.simple(
+            "PAD", still.distance_mm, (SIDE / 2 * px, SIDE / 2 * px), "+x", "-y", (px, px), (SIDE, SIDE),
+            (-1, preset.saturated_value),
+        )
+        path = directory / ("shot_%04d.cbf" % (k + 1))
+        FormatCBFMini.as_file(detector, BeamFactory.simple(still.wavelength_A), None, None, flex.int(cut), str(path))
+        paths.append(path)
+        labels.append(still.truth["label"])
+    return paths, labels
+
+
+def import_stills(paths, output):
+    """What dials.import does for stills: one experiment (and one-image imageset) per image."""
+    from dials.command_line.dials_import import run as dials_import
+
+    dials_import([str(p) for p in paths] + [f"output.experiments={output}", "convert_sequences_to_stills=True",
+                                             "output.log=dials.import.log"])
+    return output
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("classify")
+    paths, labels = write_simulated_cbfs(directory, "LN84", 6, seed=3)
+    torch.manual_seed(0)
+    save_model(directory / "model.pt", build_network("spotnet"), "spotnet", PARAMS)
+    return directory, paths, labels
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_image_once_including_an_unreadable_one(run_dir, tmp_path, monkeypatch):
+    directory, paths, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    import_stills(paths, "imported.expt")
+    # damage one file after import: it is still listed, its pixels can no longer be read
+    damaged = paths[2].read_bytes()
+    paths[2].write_bytes(damaged[:3000])
+    try:
+        classify_command.run(["imported.expt", f"model={directory / 'model.pt'}", "threshold=0.0",
+                              "output.directory=out", "batch_size=4"])
+    finally:
+        paths[2].write_bytes(damaged)
+    rows = read_csv(tmp_path / "out" / "cnn_classification.csv")
+    assert [row["file"] for row in rows] == [str(p) for p in paths]
+    assert [row["index"] for row in rows] == ["0"] * 6 and rows[0]["key"] == f"{paths[0]} [1]"
+    assert rows[2]["decision"] == "error" and rows[2]["error"] and rows[2]["p_hit"] == ""
+    for row in rows[:2] + rows[3:]:
+        assert row["decision"] == "Hit" and not row["error"]  # threshold 0: every readable image is kept
+        assert sum(float(row[k]) for k in ("p_hit", "p_maybe", "p_miss")) == pytest.approx(1, abs=1e-5)
+        assert row["class"] in ("HIT", "MAYBE", "MISS")
+    document = json.loads((tmp_path / "out" / "cnn_classification.json").read_text())
+    summary = document["summary"]
+    assert (summary["images"], summary["errors"], summary["hits"], summary["misses"]) == (6, 1, 5, 0)
+    assert summary["images_per_second"] > 0 and document["model"]["architecture"] == "spotnet"
+    assert [image["decision"] for image in document["images"]] == [row["decision"] for row in rows]
+    hits = ExperimentListFactory.from_json_file(str(tmp_path / "out" / "hits.expt"))
+    assert [e.imageset.get_path(0) for e in hits] == [str(p) for k, p in enumerate(paths) if k != 2]
+    assert not list(tmp_path.joinpath("out").glob(".*.tmp"))  # atomic writes leave nothing behind
+
+
+def test_hits_expt_feeds_dials_find_spots(run_dir, tmp_path, monkeypatch):
+    from dials.command_line.find_spots import run as find_spots
+
+    directory, paths, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    import_stills(paths, "imported.expt")
+    classify_command.run(["imported.expt", f"model={directory / 'model.pt'}", "threshold=0.0"])
+    find_spots(["hits.expt", "output.reflections=strong.refl", "output.log=find_spots.log"])
+    assert (tmp_path / "strong.refl").stat().st_size > 0
+    # a threshold above every probability keeps nothing, and the list is still valid
+    classify_command.run(["imported.expt", f"model={directory / 'model.pt'}", "threshold=1.0",
+                          "output.experiments=none.expt"])
+    assert len(ExperimentListFactory.from_json_file("none.expt", check_format=False)) == 0
+
+
+def test_images_given_directly_and_multi_image_imagesets(run_dir, tmp_path, monkeypatch):
+    directory, paths, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    # images on the command line become one 6-image sequence; each image is still classified once
+    classify_command.run([str(p) for p in paths] + [f"model={directory / 'model.pt'}", "threshold=0.0"])
+    rows = read_csv(tmp_path / "cnn_classification.csv")
+    assert [row["file"] for row in rows] == [str(p) for p in paths]
+    hits = ExperimentListFactory.from_json_file("hits.expt")
+    assert len(hits) == 6 and all(len(e.imageset) == 1 for e in hits)
+    assert [e.imageset.get_path(0) for e in hits] == [str(p) for p in paths]
+
+
+def test_bad_model_files_give_one_clear_error(run_dir, tmp_path, monkeypatch):
+    directory, paths, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    import_stills(paths[:1], "one.expt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    with pytest.raises(Sorry, match="junk.pt is not a dials_cnn model file"):
+        classify_command.run(["one.expt", "model=junk.pt"])
+    payload = torch.load(directory / "model.pt", weights_only=True)
+    payload["format_version"] = MODEL_FORMAT_VERSION + 1
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(Sorry, match="future.pt is a dials_cnn model of format version"):
+        classify_command.run(["one.expt", "model=future.pt"])
+    payload = torch.load(directory / "model.pt", weights_only=True)
+    payload["preprocess"]["pipeline"] = "unknown"
+    torch.save(payload, tmp_path / "other_preprocessing.pt")
+    with pytest.raises(Sorry, match="other_preprocessing.pt: incompatible preprocessing"):
+        classify_command.run(["one.expt", "model=other_preprocessing.pt"])
+    with pytest.raises(Sorry, match="missing.pt does not exist"):
+        classify_command.run(["one.expt", "model=missing.pt"])
+
+
+def test_without_model_uses_the_default_or_says_to_pass_one(run_dir, tmp_path, monkeypatch):
+    directory, paths, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    import_stills(paths[:1], "one.expt")
+    default = classify_command.default_model_path()
+    try:
+        classify_command.run(["one.expt"])
+    except Sorry as error:
+        assert "No default model is installed" in str(error) and "model=" in str(error)
+        assert not __import__("os").path.exists(default)
+    else:
+        assert len(read_csv(tmp_path / "cnn_classification.csv")) == 1
+
+
+def test_worker_processes_give_the_same_rows(run_dir, tmp_path, monkeypatch):
+    directory, paths, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    import_stills(paths, "imported.expt")
+    model = f"model={directory / 'model.pt'}"
+    classify_command.run(["imported.expt", model, "nproc=1", "output.directory=one"])
+    classify_command.run(["imported.expt", model, "nproc=2", "output.directory=two"])
+    assert read_csv(tmp_path / "one" / "cnn_classification.csv") == read_csv(tmp_path / "two" / "cnn_classification.csv")
+
+
+def test_multi_image_idh5_file_indices_and_hits(run_dir, tmp_path, monkeypatch):
+    """A CXIDB-76 style HDF5 file holding several stills: rows carry the index within the file."""
+    from dials_cnn import layouts
+
+    directory, _, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(9)
+    preset = presets.get_preset("LO19")
+    with layouts.Idh5Writer(tmp_path / "run.h5", image_shape=(SIDE, SIDE), pixel_size_mm=0.088,
+                            beam_center_mm=(SIDE / 2 * 0.088, SIDE / 2 * 0.088), min_trusted_value=-1,
+                            saturated_value=65535, chunk_size=2) as writer:
+        for _ in range(5):
+            still = simulate.simulate_still(simulate.sample_shot(preset, rng), rng)
+            cx, cy = (int(round(v)) for v in still.beam_centre_px)
+            writer.append(still.image[cy - SIDE // 2 : cy + SIDE // 2, cx - SIDE // 2 : cx + SIDE // 2],
+                          still.distance_mm, still.wavelength_A)
+    import_stills([tmp_path / "run.h5"], "imported.expt")
+    classify_command.run(["imported.expt", f"model={directory / 'model.pt'}", "threshold=0.0"])
+    rows = read_csv(tmp_path / "cnn_classification.csv")
+    assert [(row["index"], row["image_number"]) for row in rows] == [(str(k), str(k + 1)) for k in range(5)]
+    assert rows[3]["key"] == f"{tmp_path / 'run.h5'} [4]"
+    hits = ExperimentListFactory.from_json_file("hits.expt")
+    assert len(hits) == 5 and len(hits.imagesets()) == 5
+    first = hits[0].imageset.get_raw_data(0)[0].as_numpy_array()
+    fourth = hits[3].imageset.get_raw_data(0)[0].as_numpy_array()
+    reference = ExperimentListFactory.from_filenames([str(tmp_path / "run.h5")])[3].imageset
+    np.testing.assert_array_equal(fourth, reference.get_raw_data(0)[0].as_numpy_array())
+    assert not np.array_equal(first, fourth)

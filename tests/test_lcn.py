@@ -1,0 +1,83 @@
+"""The fast LCN against a slow, obviously correct reference (REFERENCE §5)."""
+
+import numpy as np
+import pytest
+import torch
+
+from dials_cnn.lcn import local_contrast_normalise
+
+
+def reference_lcn(image, window=5, std_floor=1.0):
+    """Global z-score, then each pixel minus the mean of its reflect-padded window, over
+    max(window std, std_floor) — one window at a time, in float64."""
+    x = np.asarray(image, dtype=np.float64)
+    std = x.std()
+    z = (x - x.mean()) / (std if std > 0 else 1.0)
+    half = window // 2
+    padded = np.pad(z, half, mode="reflect")
+    out = np.empty_like(z)
+    for row in range(z.shape[0]):
+        for col in range(z.shape[1]):
+            patch = padded[row : row + window, col : col + window]
+            out[row, col] = (z[row, col] - patch.mean()) / max(patch.std(), std_floor)
+    return out
+
+
+def detector_like(shape, seed):
+    """Poisson background, a few saturated Bragg-like pixels, a zero gap and a masked stripe."""
+    rng = np.random.default_rng(seed)
+    image = rng.poisson(3.0, shape).astype(np.float32)
+    image[rng.integers(0, shape[0], 6), rng.integers(0, shape[1], 6)] = 65535
+    image[:, shape[1] // 3] = 0
+    image[shape[0] // 2 : shape[0] // 2 + 2, :] = 0
+    return image
+
+
+@pytest.mark.parametrize("shape,seed", [((37, 53), 0), ((64, 64), 1), ((9, 120), 2)])
+def test_fast_lcn_matches_reference(shape, seed):
+    image = detector_like(shape, seed)
+    fast = local_contrast_normalise(image)
+    assert fast.dtype == np.float32 and fast.shape == image.shape
+    np.testing.assert_allclose(fast, reference_lcn(image), rtol=0, atol=1e-5)
+
+
+def test_other_windows_and_floor_match_reference():
+    image = np.random.default_rng(5).gamma(2.0, 10.0, (30, 41)).astype(np.float32)
+    for window, floor in ((3, 1.0), (7, 0.5)):
+        np.testing.assert_allclose(
+            local_contrast_normalise(image, window=window, std_floor=floor),
+            reference_lcn(image, window, floor), atol=1e-5, rtol=0,
+        )
+
+
+def test_batch_is_per_image():
+    images = np.stack([detector_like((24, 31), seed) for seed in range(3)])
+    batch = local_contrast_normalise(images)
+    for k in range(3):
+        np.testing.assert_allclose(batch[k], reference_lcn(images[k]), atol=1e-5, rtol=0)
+
+
+def test_float64_path_matches_too():
+    image = detector_like((40, 40), 7)
+    np.testing.assert_allclose(
+        local_contrast_normalise(image, dtype=torch.float64), reference_lcn(image), atol=1e-6, rtol=0
+    )
+
+
+def test_constant_image_has_no_contrast():
+    assert np.all(local_contrast_normalise(np.full((16, 16), 7.0)) == 0)
+
+
+def test_std_floor_keeps_flat_background_unamplified():
+    # In a flat region the local std is below the floor: the output is just the z-score difference.
+    image = np.zeros((20, 20), np.float32)
+    image[10, 10] = 100.0
+    out = local_contrast_normalise(image)
+    assert out[10, 10] == pytest.approx(reference_lcn(image)[10, 10], abs=1e-5)
+    assert out[10, 10] > 3  # the isolated spot stands out
+    assert np.abs(out[0:4, 0:4]).max() < 1e-6  # far from the spot: nothing
+
+
+def test_rejects_wrong_dimensions():
+    with pytest.raises(ValueError, match="2-D image"):
+        local_contrast_normalise(np.zeros(10))
