@@ -12,6 +12,8 @@ COMMANDS = {
     "dials.cnn_train": "train",
     "dials.cnn_classify": "classify",
     "dials.cnn_annotate": "annotate",
+    "dials.cnn_evaluate": "evaluate",
+    "dials.cnn_stills_process": "stills_process",
 }
 FORMAT_CLASSES = ["FormatHDF5CXIDB76", "FormatHDF5RawCspad", "FormatHDF5BinnedRayonix"]
 

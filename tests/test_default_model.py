@@ -1,0 +1,54 @@
+"""The embedded default model: shipped, self-describing, and far better than chance on stills it never saw."""
+
+import os
+
+import numpy as np
+import pytest
+
+from dials_cnn import default_model
+from dials_cnn.model import CLASS_NAMES, load_model
+from dials_cnn.preprocess import prepare
+from dials_cnn.projection import flat_from_array
+from dials_cnn.simulate import simulate_image
+from dials_cnn.training import classification_metrics, predict_inputs
+
+# Seeds never used by `make default-model` (it draws from seed * 1000 + small numbers, seed 2018).
+UNSEEN_SEED = 424242
+# Held-out balanced accuracy of the shipped model is 0.82-0.97 on these presets (docs/default_model.md);
+# 36 stills give a standard error of ~0.07, so 0.70 fails a broken model, not an unlucky draw.
+BALANCED_ACCURACY_FLOOR = 0.70
+
+
+@pytest.fixture(scope="module")
+def model():
+    assert os.path.exists(default_model.DEFAULT_MODEL_PATH), "run `make default-model` to build it"
+    return load_model(default_model.DEFAULT_MODEL_PATH)
+
+
+def test_the_default_model_is_small_and_describes_itself(model):
+    assert os.path.getsize(default_model.DEFAULT_MODEL_PATH) < 512 * 1024
+    assert model.architecture == "spotnet"
+    assert model.preprocess == default_model.default_preprocess()
+    assert tuple(model.class_names) == CLASS_NAMES
+    held_out = model.metrics["held_out_by_source"]
+    for preset in default_model.PRESET_NAMES:
+        assert f"source:{preset}" in held_out
+    assert "simulated" in model.provenance["data"]
+
+
+@pytest.mark.parametrize("preset", ["LN84", "LO19", "LG36"])
+def test_unseen_stills_are_screened_far_above_chance(model, preset):
+    n = 36
+    inputs, labels = [], []
+    for index in range(n):
+        still = simulate_image(preset, UNSEEN_SEED, index, vary_beam_centre=True)
+        flat = flat_from_array(still.image, still.beam_centre_px, still.pixel_size_mm, still.mask)
+        inputs.append(prepare(flat, model.preprocess))
+        labels.append(CLASS_NAMES.index(still.truth["label"]))
+    probabilities = predict_inputs(model.network, np.stack(inputs), model.preprocess.crop)
+    metrics = classification_metrics(probabilities, labels)
+    positive = np.asarray(labels) != CLASS_NAMES.index("MISS")
+    assert positive.any() and (~positive).any()
+    # Balanced accuracy of the veto: 0.5 is chance.
+    balanced = 0.5 * (metrics["hit_maybe_recall"] + metrics["miss_specificity"])
+    assert balanced >= BALANCED_ACCURACY_FLOOR, metrics
