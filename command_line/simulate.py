@@ -2,6 +2,7 @@
 """Simulate labelled XFEL stills (CSPAD, Rayonix, ...) with expert annotations and a truth table."""
 
 import logging
+import os
 import sys
 import time
 
@@ -182,6 +183,11 @@ def run(args=None):
     usage = "dials.cnn_simulate preset=LO19 n_images=2000 seed=1 output.directory=run_lo19 [options]"
     parser = ArgumentParser(usage=usage, phil=phil_scope, epilog=help_message)
     params, options = parser.parse_args(args, show_diff_phil=False)
+    log_directory = os.path.dirname(os.path.abspath(params.output.log))
+    try:
+        os.makedirs(log_directory, exist_ok=True)
+    except OSError as error:
+        raise Sorry(f"Cannot write the log {params.output.log}: {error.strerror}; choose output.log=")
     dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
     diff = parser.diff_phil.as_str()
     if diff:
