@@ -398,6 +398,18 @@ def test_simulated_hdf5_run(display, simulated_run):
     ours = [(r.path, r.index) for r in read_annotations(str(simulated_run / "mine.txt"))]
     simulated = [(r.path, r.index) for r in read_annotations(str(simulated_run / "expert_annotation.txt"))]
     assert ours == simulated
+    # and dials.cnn_train learns from the expert's file as it is
+    train = subprocess.run(
+        ["dials.cnn_train", "imported.expt", "annotations=mine.txt", "output.model=from_viewer.pt",
+         "architecture=spotnet", "preprocess.pipeline=native", "preprocess.crop=64", "preprocess.bin=2",
+         "training.epochs=1", "training.batches_per_epoch=1", "training.batch_size=2", "training.max_shift=4",
+         "nthreads=1"],
+        cwd=simulated_run, capture_output=True, text=True, timeout=300,
+    )
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    from dials_cnn.model import load_model
+
+    assert load_model(str(simulated_run / "from_viewer.pt")).provenance["images"] == 4
 
 
 @pytest.fixture(scope="module")
