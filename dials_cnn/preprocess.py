@@ -124,6 +124,20 @@ def input_side(params, margin=0):
     return params.crop + 2 * margin
 
 
+def input_region(params, beam_centre_px, margin=0):
+    """(top, left, height, width) of the flat image that :func:`prepare` reads, or None (all of it).
+
+    ``native`` and ``binned`` use only a square around the beam, so a reader may flatten just that
+    (:meth:`~dials_cnn.projection.DetectorProjection.flatten` ``region=``); ``ke2018`` resizes the
+    whole image first.
+    """
+    if params.pipeline == "ke2018":
+        return None
+    native_side = input_side(params, margin) * params.bin * (params.pool if params.pipeline == "binned" else 1)
+    top, left = _square_around(beam_centre_px, native_side)
+    return top, left, native_side, native_side
+
+
 def prepare(flat, params, augment=None, rng=None, margin=0):
     """The network input for one :class:`~dials_cnn.projection.FlatImage`: float32 (crop+2m, crop+2m).
 

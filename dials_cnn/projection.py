@@ -40,8 +40,16 @@ class DetectorProjection:
     panel_sizes: tuple  # number of pixels per panel, for concatenation
     trusted_ranges: tuple  # per panel (low, high)
 
-    def flatten(self, panels_data, static_mask=None):
-        """``panels_data``: one 2-D array per panel; ``static_mask``: one bool array per panel or None."""
+    def flatten(self, panels_data, static_mask=None, region=None):
+        """``panels_data``: one 2-D array per panel; ``static_mask``: one bool array per panel or None.
+
+        ``region`` (top, left, height, width) on the flat grid: only that part of the flat image is
+        made (clipped to the grid; its beam centre is shifted accordingly). A classifier that cuts a
+        square around the beam pays for that square instead of the whole detector; the pixels are
+        identical to those of the whole flat image.
+        """
+        if region is not None:
+            return self._flatten_region(panels_data, static_mask, region)
         if len(panels_data) != len(self.panel_sizes):
             raise ProjectionError(
                 f"image has {len(panels_data)} panel(s), detector model has {len(self.panel_sizes)}"
@@ -70,6 +78,78 @@ class DetectorProjection:
             data = values[self.source_index]  # -1 picks the trailing 0 / False
             mask = ok[self.source_index]
         return FlatImage(data, mask, self.beam_centre_px, self.pixel_size_mm)
+
+
+    def _check_panels(self, panels_data):
+        if len(panels_data) != len(self.panel_sizes):
+            raise ProjectionError(
+                f"image has {len(panels_data)} panel(s), detector model has {len(self.panel_sizes)}"
+            )
+        for k, raw in enumerate(panels_data):
+            if np.size(raw) != self.panel_sizes[k]:
+                raise ProjectionError(
+                    f"panel {k} has {np.size(raw)} pixels, detector model says {self.panel_sizes[k]}"
+                )
+
+    def clip_region(self, region):
+        """(y0, y1, x0, x1): ``region`` (top, left, height, width) clipped to the flat grid."""
+        top, left, height, width = (int(v) for v in region)
+        y0, x0 = max(top, 0), max(left, 0)
+        return y0, min(max(top + height, y0), self.shape[0]), x0, min(max(left + width, x0), self.shape[1])
+
+    def flatten_cut(self, pixels, static_mask, region):
+        """:meth:`flatten` with ``region`` for a single panel normal to the beam, given only the
+        pixels of ``region`` clipped to the panel (a reader that reads just that part of the file)."""
+        if self.source_index is not None:
+            raise ProjectionError("only a single panel normal to the beam can be flattened from a cut")
+        return self._flatten_region([pixels], static_mask, region, cut=True)
+
+    def _flatten_region(self, panels_data, static_mask, region, cut=False):
+        y0, y1, x0, x1 = self.clip_region(region)
+        if not cut:
+            self._check_panels(panels_data)
+        elif np.shape(panels_data[0]) != (y1 - y0, x1 - x0):
+            raise ProjectionError(f"cut of shape {np.shape(panels_data[0])}, expected {(y1 - y0, x1 - x0)}")
+        if self.source_index is None:
+            values = np.asarray(panels_data[0]) if cut else np.asarray(panels_data[0]).reshape(self.shape)[y0:y1, x0:x1]
+            ok = np.ones(values.shape, bool)
+            if static_mask is not None:
+                ok &= np.asarray(static_mask[0], dtype=bool).reshape(self.shape)[y0:y1, x0:x1]
+            low, high = self.trusted_ranges[0]
+        else:
+            index = self.source_index[y0:y1, x0:x1]
+            arrays = [np.asarray(r).ravel() for r in panels_data]
+            raw = np.concatenate(arrays + [np.zeros(1, arrays[0].dtype)])
+            values = raw[index]  # -1 (a gap) picks the trailing 0, made invalid below
+            ok = index >= 0
+            if static_mask is not None:
+                ok &= self._concatenated_mask(static_mask)[index]
+            low, high = self._trusted_bounds(index)
+        data = values.astype(np.float32)  # a new array: modified in place below
+        ok &= data > low
+        # what np.where(ok, np.clip(data, 0, high), 0) gives, without np.clip's slow casting path
+        np.maximum(data, 0.0, out=data)
+        np.minimum(data, high, out=data)
+        np.copyto(data, 0.0, where=~ok)
+        beam = (self.beam_centre_px[0] - x0, self.beam_centre_px[1] - y0)
+        return FlatImage(data, ok, beam, self.pixel_size_mm)
+
+    def _concatenated_mask(self, static_mask):
+        """The static mask of every panel in one array (with a trailing False for gaps), cached."""
+        cached = getattr(self, "_mask_cache", None)
+        if cached is None or cached[0] is not static_mask:
+            joined = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in static_mask] + [np.zeros(1, bool)])
+            cached = self._mask_cache = (static_mask, joined)
+        return cached[1]
+
+    def _trusted_bounds(self, index):
+        """(low, high) trusted values: scalars when all panels agree, else per flat pixel."""
+        if len(set(self.trusted_ranges)) == 1:
+            return self.trusted_ranges[0]
+        panel_of = np.repeat(np.arange(len(self.panel_sizes)), self.panel_sizes)
+        bounds = np.array(self.trusted_ranges + ((0.0, 0.0),), dtype=np.float32)
+        panel = np.where(index >= 0, panel_of[np.maximum(index, 0)], len(self.panel_sizes))
+        return bounds[panel, 0], bounds[panel, 1]
 
 
 def _beam_unit(beam):
@@ -197,11 +277,20 @@ def static_mask(imageset):
     return [np.asarray(tile.data().as_numpy_array(), dtype=bool) for tile in lookup]
 
 
-def flatten_image(imageset, index, mask=None):
+def read_panels(imageset, index):
+    """The raw pixels of image ``index``: one numpy array per panel."""
+    raw = imageset.get_raw_data(index)
+    if not isinstance(raw, tuple):
+        raw = (raw,)
+    return [r.as_numpy_array() for r in raw]
+
+
+def flatten_image(imageset, index, mask=None, region=None):
     """Read image ``index`` of a dxtbx ``imageset`` as a :class:`FlatImage`.
 
     ``mask`` is :func:`static_mask` of the imageset when the caller reads many images (pass it to
-    avoid rebuilding it); otherwise it is looked up here.
+    avoid rebuilding it); otherwise it is looked up here. ``region``: see
+    :meth:`DetectorProjection.flatten`.
     """
     detector = imageset.get_detector(index)
     beam = imageset.get_beam(index)
@@ -211,7 +300,7 @@ def flatten_image(imageset, index, mask=None):
     panels_data = [r.as_numpy_array() for r in raw]
     if mask is None:
         mask = static_mask(imageset)
-    return projection_for(detector, beam).flatten(panels_data, mask)
+    return projection_for(detector, beam).flatten(panels_data, mask, region)
 
 
 def flat_from_array(data, beam_centre_px=None, pixel_size_mm=0.11, mask=None):

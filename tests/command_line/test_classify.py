@@ -197,3 +197,82 @@ def test_multi_image_idh5_file_indices_and_hits(run_dir, tmp_path, monkeypatch):
     reference = ExperimentListFactory.from_filenames([str(tmp_path / "run.h5")])[3].imageset
     np.testing.assert_array_equal(fourth, reference.get_raw_data(0)[0].as_numpy_array())
     assert not np.array_equal(first, fourth)
+
+
+def test_annotations_give_the_papers_agreement_table_and_expert_labels(run_dir, tmp_path, monkeypatch, caplog):
+    from dials_cnn.annotations import write_annotations
+
+    directory, paths, labels = run_dir
+    monkeypatch.chdir(tmp_path)
+    import_stills(paths, "imported.expt")
+    # the expert labelled all but the last image
+    annotated = [(str(p), 0, label) for p, label in zip(paths[:-1], labels)]
+    write_annotations(tmp_path / "expert_annotation.txt", annotated)
+    with caplog.at_level("INFO"):
+        classify_command.run(["imported.expt", f"model={directory / 'model.pt'}", "threshold=0.0",
+                              "annotations=expert_annotation.txt"])
+    rows = read_csv(tmp_path / "cnn_classification.csv")
+    assert [row["expert"] for row in rows] == [label for label in labels[:-1]] + [""]
+    agreement = json.loads((tmp_path / "cnn_classification.json").read_text())["agreement"]
+    # threshold 0 keeps every image: the expert's misses are all kept, hits and maybes all recalled
+    n_miss = labels[:-1].count("MISS")
+    assert agreement["binary"]["counts"] == [[5 - n_miss, 0], [n_miss, 0]]
+    assert np.sum(agreement["three_class_confusion"]) == 5 and agreement["annotated_images"] == 5
+    assert "Hit+Maybe recall 100.0 %" in caplog.text and "Expert / CNN" in caplog.text
+
+    # an annotation of an image that is not among the inputs: one Sorry naming it, before classifying
+    write_annotations(tmp_path / "other.txt", [(str(directory / "elsewhere.cbf"), 0, "HIT")])
+    with pytest.raises(Sorry, match="elsewhere.cbf \\[1\\] is not among the input images"):
+        classify_command.run(["imported.expt", f"model={directory / 'model.pt'}", "annotations=other.txt"])
+
+
+@pytest.mark.parametrize("fixture_name", ["raw_cspad", "cspad_idh5", "rayonix", "small_idh5"])
+def test_fast_path_gives_the_predictions_of_the_straightforward_one(fixture_name, request):
+    """Crop-only flattening, fused batch-norm, channels-last and worker processes against the whole
+    flat image through the plain network: same inputs bit for bit, same decisions, P within 1e-3."""
+    from dials_cnn.classify import classify_units, image_units, prepared_inputs
+    from dials_cnn.model import ScreeningModel
+
+    from dials_cnn.classify import _LayoutCutReader
+
+    written = request.getfixturevalue(fixture_name)
+    units = image_units(ExperimentListFactory.from_filenames([written.path]))
+    # the project's single-panel layouts are read region by region, the raw CSPAD through dxtbx
+    reader = _LayoutCutReader.for_imageset(units[0].imageset, units[0].path)
+    assert (reader is None) == (fixture_name == "raw_cspad")
+    if reader is not None:
+        reader.close()
+    for params in (PreprocessParams(pipeline="native", crop=96, bin=2, lcn_window=21),
+                   PreprocessParams(pipeline="binned", crop=48, bin=2, pool=2)):
+        straight = list(prepared_inputs(units, params, margin=4, crop_only=False))
+        fast = list(prepared_inputs(units, params, nproc=2, margin=4, crop_only=True))
+        for (_, a, error_a), (_, b, error_b) in zip(straight, fast):
+            assert error_a is None and error_b is None
+            np.testing.assert_array_equal(a, b)
+    torch.manual_seed(1)
+    network = build_network("spotnet")
+    torch.nn.init.normal_(network.classifier.weight, std=2.0)  # varied probabilities, not all 1/3
+    for module in network.modules():  # non-trivial batch-norm statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    params = PreprocessParams(pipeline="native", crop=96, bin=2, lcn_window=21)
+    model = ScreeningModel(network, "spotnet", {}, params)
+    reference = classify_units(units, model, optimise=False)
+    optimised = classify_units(units, model, nproc=2, batch_size=3, optimise=True)
+    p_reference = np.array([r.probabilities for r in reference.records])
+    p_optimised = np.array([r.probabilities for r in optimised.records])
+    np.testing.assert_allclose(p_optimised, p_reference, atol=1e-3, rtol=0)
+    assert [r.decision for r in optimised.records] == [r.decision for r in reference.records]
+    assert [r.predicted_class for r in optimised.records] == [r.predicted_class for r in reference.records]
+    assert all(optimised.seconds[stage] > 0 for stage in ("read", "projection", "preprocess", "network"))
+
+
+def test_device_selection(run_dir):
+    from dials_cnn.classify import DeviceError, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device("cuda")
