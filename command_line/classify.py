@@ -1,7 +1,5 @@
 """dials.cnn_classify: Hit / Maybe / Miss probabilities for every image, and a hits-only experiment list."""
 
-import csv
-import json
 import logging
 import os
 import time
@@ -17,10 +15,9 @@ import dials_cnn
 from dials_cnn.classify import DeviceError, classify_units, classify_units_mpi, image_units, resolve_device
 from dials_cnn.command_line.train import match_annotations
 from dials_cnn.evaluation import binary_agreement, format_three_class, three_class_confusion
-from dials_cnn.fileio import atomic_write
 from dials_cnn.live import LiveClassifier
 from dials_cnn.model import CLASS_NAMES, ModelError, load_model
-from dials_cnn.output import CSV_COLUMNS, record_rows, write_hits
+from dials_cnn.output import write_csv, write_hits, write_json
 
 logger = logging.getLogger("dials.cnn_classify")
 
@@ -133,42 +130,6 @@ def resolve_model(path):
             f"No default model is installed ({path} is missing); pass model=<file written by dials.cnn_train>"
         )
     return path
-
-
-def rows_with_expert(classification, expert):
-    """The output rows; with annotations, each carries the expert's label ("" where not annotated)."""
-    for position, row in enumerate(record_rows(classification.records)):
-        if expert:
-            row["expert"] = expert.get(position)
-        yield row
-
-
-def write_json(path, classification, model_info, expert=None, agreement=None, live=None):
-    document = {"summary": classification.summary(), "model": model_info}
-    if agreement is not None:
-        document["agreement"] = agreement
-    if live is not None:
-        document["live"] = live
-    document["images"] = list(rows_with_expert(classification, expert))
-    with atomic_write(path) as handle:
-        json.dump(document, handle, indent=1)
-        handle.write("\n")
-
-
-def write_csv(path, classification, expert=None):
-    columns = CSV_COLUMNS + (("expert",) if expert else ())
-    with atomic_write(path, newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows_with_expert(classification, expert):
-            writer.writerow(format_csv_row(row))
-
-
-def format_csv_row(row):
-    for name in ("p_hit", "p_maybe", "p_miss"):
-        if row[name] is not None:
-            row[name] = "%.6f" % row[name]
-    return {k: ("" if v is None else v) for k, v in row.items()}
 
 
 def expert_agreement(classification, expert):

@@ -23,7 +23,7 @@ import time
 from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 
 from dials_cnn.classify import Classification, classify_units, image_units, inference_network, resolve_device
-from dials_cnn.output import CSV_COLUMNS, record_rows
+from dials_cnn.output import CSV_COLUMNS, format_csv_row, record_rows
 
 logger = logging.getLogger("dials.cnn_classify.live")  # under "dials": shown by dials.util.log
 
@@ -33,13 +33,6 @@ class _FileState:
         self.signature = None  # (image count, size, mtime) seen on the last poll
         self.done = set()  # file indices classified
         self.experiments = None
-
-
-def _format_row(row):
-    for name in ("p_hit", "p_maybe", "p_miss"):
-        if row[name] is not None:
-            row[name] = "%.6f" % row[name]
-    return {k: ("" if v is None else v) for k, v in row.items()}
 
 
 class LiveClassifier:
@@ -105,7 +98,7 @@ class LiveClassifier:
                                          device=self.device, network=self._network)
         writer = csv.DictWriter(csv_handle, fieldnames=CSV_COLUMNS)
         for row in record_rows(classification.records):
-            writer.writerow(_format_row(row))
+            writer.writerow(format_csv_row(row))
         csv_handle.flush()
         os.fsync(csv_handle.fileno())
         self.files[path].done.update(unit.file_index for unit in units)

@@ -18,10 +18,12 @@ from dials_cnn.fileio import atomic_path, atomic_write
 CSV_COLUMNS = ("file", "index", "image_number", "key", "p_hit", "p_maybe", "p_miss", "class", "decision", "error")
 
 
-def record_rows(records):
-    for record in records:
+def record_rows(records, expert=None):
+    """One output row per record; with ``expert`` ({record position: label}), an ``expert`` column
+    ("" where the image was not annotated)."""
+    for position, record in enumerate(records):
         p = record.probabilities or (None, None, None)
-        yield {
+        row = {
             "file": record.path,
             "index": record.file_index,
             "image_number": record.file_index + 1,
@@ -33,28 +35,42 @@ def record_rows(records):
             "decision": record.decision,
             "error": record.error,
         }
+        if expert:
+            row["expert"] = expert.get(position)
+        yield row
 
 
-def write_json(path, classification, model_info=None):
-    document = {
-        "summary": classification.summary(),
-        "model": model_info or {},
-        "images": list(record_rows(classification.records)),
-    }
+def format_csv_row(row):
+    """Probabilities with 6 decimals, missing values as empty cells."""
+    row = dict(row)
+    for name in ("p_hit", "p_maybe", "p_miss"):
+        if row[name] is not None:
+            row[name] = "%.6f" % row[name]
+    return {k: ("" if v is None else v) for k, v in row.items()}
+
+
+def csv_columns(expert=None):
+    return CSV_COLUMNS + (("expert",) if expert else ())
+
+
+def write_json(path, classification, model_info=None, expert=None, agreement=None, live=None):
+    document = {"summary": classification.summary(), "model": model_info or {}}
+    if agreement is not None:
+        document["agreement"] = agreement
+    if live is not None:
+        document["live"] = live
+    document["images"] = list(record_rows(classification.records, expert))
     with atomic_write(path) as handle:
         json.dump(document, handle, indent=1)
         handle.write("\n")
 
 
-def write_csv(path, classification):
+def write_csv(path, classification, expert=None):
     with atomic_write(path, newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=csv_columns(expert))
         writer.writeheader()
-        for row in record_rows(classification.records):
-            for name in ("p_hit", "p_maybe", "p_miss"):
-                if row[name] is not None:
-                    row[name] = "%.6f" % row[name]
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        for row in record_rows(classification.records, expert):
+            writer.writerow(format_csv_row(row))
 
 
 def hits_experiments(experiments, classification):

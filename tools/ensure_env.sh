@@ -27,7 +27,8 @@ fi
 # The project itself, editable, into DIALS' Python: its dxtbx.format entry points and
 # dials.cnn_* scripts are then seen by the stock /usr/bin/dials.* commands.
 stamp="$here/.make/installed-$(md5sum "$here/setup.py" | cut -c1-12)"
-if [ ! -f "$stamp" ] || ! $PY -c "import dials_cnn, os, sys; sys.exit(0 if os.path.realpath(dials_cnn.__file__).startswith(os.path.realpath('$here') + os.sep) else 1)" 2>/dev/null; then
+# Checked from / so that the working tree itself is not on sys.path: the installed mapping must point here.
+if [ ! -f "$stamp" ] || ! (cd / && $PY -c "import dials_cnn.command_line as c, os, sys; sys.exit(0 if os.path.realpath(c.__path__[0]) == os.path.realpath('$here/command_line') else 1)") 2>/dev/null; then
   echo "[ensure_env] pip install -e $here"
   (cd "$here" && $PIP --no-build-isolation --no-deps --use-pep517 -e . >/dev/null)
   mkdir -p "$here/.make" && rm -f "$here"/.make/installed-* && touch "$stamp"
