@@ -7,7 +7,7 @@ from dxtbx.model.experiment_list import ExperimentListFactory
 from dials_cnn import prefilter
 from dials_cnn.classify import classify_experiments
 from dials_cnn.model import load_model
-from test_baseline import tiny_model, write_small_run
+from simulated_runs import tiny_model, write_small_run
 
 
 def test_phil_is_stills_process_plus_cnn_veto():

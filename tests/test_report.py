@@ -13,7 +13,7 @@ from dials_cnn.baseline import spotfinder_params
 from dials_cnn.classify import classify_experiments, image_units
 from dials_cnn.evaluation import binary_agreement
 from dials_cnn.model import load_model
-from test_baseline import SPOTFINDER, tiny_model, write_small_run
+from simulated_runs import SPOTFINDER, tiny_model, write_small_run
 
 EXPERT = ["HIT", "HIT", "MAYBE", "MAYBE", "MISS", "MISS", "MISS", "MISS"]
 PROBABILITIES = [

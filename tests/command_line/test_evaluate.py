@@ -8,7 +8,7 @@ from dials.util import Sorry
 from dials_cnn import report
 from dials_cnn.command_line import classify as classify_command
 from dials_cnn.command_line import evaluate as evaluate_command
-from test_baseline import tiny_model, write_small_run
+from simulated_runs import tiny_model, write_small_run
 from test_report import html_cells
 
 

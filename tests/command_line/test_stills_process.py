@@ -13,7 +13,7 @@ from dxtbx.model.experiment_list import ExperimentList
 from dials_cnn.annotations import image_key
 from dials_cnn.command_line import classify as classify_command
 from dials_cnn.command_line import stills_process as stills_command
-from test_baseline import tiny_model, write_small_run
+from simulated_runs import tiny_model, write_small_run
 
 # LO19's spotfinder gain; most cut images have too few spots to index, which is fine: what is tested
 # is which images reach spot finding
