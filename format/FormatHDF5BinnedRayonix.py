@@ -20,21 +20,8 @@ class FormatHDF5BinnedRayonix(FormatHDF5Layout):
         return float(self._metadata("PIXEL_SIZE"))
 
     def _detector_at(self, distance_mm):
-        pixel = self._pixel_size()
-        detector = self._detector_factory.simple(
-            sensor="CCD",
-            distance=distance_mm,
-            beam_centre=self._beam_centre_mm(),
-            fast_direction="+x",
-            slow_direction="-y",
-            pixel_size=(pixel, pixel),
-            image_size=(int(self._metadata("SIZE1")), int(self._metadata("SIZE2"))),
-            trusted_range=self._trusted_range(),
-            mask=[],
-        )
         binning = int(self._metadata("BINNING"))
-        detector[0].set_name(f"{self._metadata('DETECTOR')} binned {binning}x{binning}")
-        return detector
+        return self._flat_panel(distance_mm, "CCD", f"{self._metadata('DETECTOR')} binned {binning}x{binning}")
 
     def _mask_array(self):
         rows, cols = self._layout.pixel_shape

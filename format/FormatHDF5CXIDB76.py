@@ -46,6 +46,23 @@ class FormatHDF5Layout(FormatHDF5, FormatStill):
     def _detector_at(self, distance_mm):
         raise NotImplementedError
 
+    def _flat_panel(self, distance_mm, sensor, name):
+        """One flat panel normal to the beam, fast +x, slow -y, as the idh5 metadata describe it."""
+        pixel = float(self._metadata("PIXEL_SIZE"))
+        detector = self._detector_factory.simple(
+            sensor=sensor,
+            distance=distance_mm,
+            beam_centre=self._beam_centre_mm(),
+            fast_direction="+x",
+            slow_direction="-y",
+            pixel_size=(pixel, pixel),
+            image_size=(int(self._metadata("SIZE1")), int(self._metadata("SIZE2"))),
+            trusted_range=self._trusted_range(),
+            mask=[],
+        )
+        detector[0].set_name(name)
+        return detector
+
     def _detector(self, index=None):
         distance = float(self._layout.distances[self._index(index)])
         # shots at the same distance share one model, so .expt files stay small
@@ -114,21 +131,8 @@ class FormatHDF5CXIDB76(FormatHDF5Layout):
         return layouts.understands(image_file, layouts.IDH5_VERSION)
 
     def _detector_at(self, distance_mm):
-        pixel = float(self._metadata("PIXEL_SIZE"))
         name = flat_panel_name(self._layout)
-        detector = self._detector_factory.simple(
-            sensor="CCD" if name.startswith("Rayonix") else "PAD",
-            distance=distance_mm,
-            beam_centre=self._beam_centre_mm(),
-            fast_direction="+x",
-            slow_direction="-y",
-            pixel_size=(pixel, pixel),
-            image_size=(int(self._metadata("SIZE1")), int(self._metadata("SIZE2"))),
-            trusted_range=self._trusted_range(),
-            mask=[],
-        )
-        detector[0].set_name(name)
-        return detector
+        return self._flat_panel(distance_mm, "CCD" if name.startswith("Rayonix") else "PAD", name)
 
     def _mask_array(self):
         tiles = np.asarray(self._metadata("ACTIVE_AREAS"), dtype=np.int64).reshape(-1, 4)
