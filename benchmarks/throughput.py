@@ -61,7 +61,7 @@ def simulated_run(preset, n_images, seed, cache, nproc):
     """The cached run folder of ``preset`` (simulated and imported on first use)."""
     from dials_cnn.simulate import simulate_run
 
-    directory = os.path.join(cache, f"{preset}_n{n_images}_seed{seed}")
+    directory = os.path.abspath(os.path.join(cache, f"{preset}_n{n_images}_seed{seed}"))  # dials.import runs in it
     done = os.path.join(directory, "imported.expt")
     if not os.path.exists(done):
         print(f"Simulating {n_images} {preset} stills into {directory} (cached for later runs) ...", flush=True)
@@ -86,14 +86,15 @@ def model_path(requested, cache):
         return default_model_path(), "shipped default"
     import torch
 
-    from dials_cnn.model import build_network, save_model
-    from dials_cnn.preprocess import PreprocessParams
+    from dials_cnn.default_model import default_preprocess
+    from dials_cnn.model import architecture_defaults, build_network, save_model
 
-    path = os.path.join(cache, "untrained_spotnet_native512.pt")
+    preprocess = default_preprocess()
+    kwargs = architecture_defaults("spotcount", preprocess)
+    path = os.path.join(cache, f"untrained_spotcount_{preprocess.pipeline}{preprocess.crop}.pt")
     if not os.path.exists(path):
         torch.manual_seed(0)
-        save_model(path, build_network("spotnet"), "spotnet",
-                   PreprocessParams(pipeline="native", crop=512, bin=2, lcn_window=21))
+        save_model(path, build_network("spotcount", **kwargs), "spotcount", preprocess, kwargs)
     return path, "untrained stand-in (no default model installed)"
 
 

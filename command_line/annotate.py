@@ -12,6 +12,8 @@ import dials.util.log
 from dials.util import Sorry
 from dials.util.options import ArgumentParser, flatten_reflections
 
+from dials_cnn.command_line import modified_parameters
+
 logger = logging.getLogger("dials.cnn_annotate")
 
 help_message = """
@@ -111,7 +113,7 @@ def run(args=None):
     params, options = parser.parse_args(args, show_diff_phil=False)
     dials.util.log.config(verbosity=options.verbose, logfile="dials.cnn_annotate.log")
     dials.util.log.print_banner()
-    diff_phil = parser.diff_phil.as_str()
+    diff_phil = modified_parameters(phil_scope, params)
     if diff_phil:
         logger.info("The following parameters have been modified:\n%s", diff_phil)
 

@@ -12,6 +12,7 @@ from dials.util.options import ArgumentParser, flatten_experiments
 from dials.util.version import dials_version
 
 import dials_cnn
+from dials_cnn.command_line import modified_parameters
 from dials_cnn.classify import DeviceError, classify_units, classify_units_mpi, image_units, resolve_device
 from dials_cnn.command_line.train import match_annotations
 from dials_cnn.evaluation import binary_agreement, format_three_class, three_class_confusion
@@ -218,7 +219,7 @@ def run(args=None):
         os.makedirs(params.output.directory, exist_ok=True)
         log.config(verbosity=options.verbose, logfile=os.path.join(params.output.directory, params.output.log))
         logger.info(dials_version())
-        diff_phil = parser.diff_phil.as_str()
+        diff_phil = modified_parameters(phil_scope, params)
         if diff_phil:
             logger.info("The following parameters have been modified:\n%s", diff_phil)
 

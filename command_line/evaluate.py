@@ -11,6 +11,7 @@ from dials.util import log, tabulate
 from dials.util.options import ArgumentParser, flatten_experiments
 from dials.util.version import dials_version
 
+from dials_cnn.command_line import modified_parameters
 from dials_cnn.annotations import AnnotationError
 from dials_cnn.baseline import DEFAULT_THRESHOLD, PRESETS, BaselineError, get_preset, spotfinder_diff, spotfinder_params
 from dials_cnn.classify import image_units
@@ -140,7 +141,7 @@ def run(args=None):
     os.makedirs(params.output.directory, exist_ok=True)
     log.config(verbosity=options.verbose, logfile=os.path.join(params.output.directory, params.output.log))
     logger.info(dials_version())
-    diff_phil = parser.diff_phil.as_str()
+    diff_phil = modified_parameters(phil_scope, params)
     if diff_phil:
         logger.info("The following parameters have been modified:\n%s", diff_phil)
 

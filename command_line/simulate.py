@@ -13,6 +13,8 @@ import dials.util.log
 from dials.util import Sorry
 from dials.util.options import ArgumentParser
 
+from dials_cnn.command_line import modified_parameters
+
 logger = logging.getLogger("dials.cnn_simulate")
 
 help_message = """
@@ -189,7 +191,7 @@ def run(args=None):
     except OSError as error:
         raise Sorry(f"Cannot write the log {params.output.log}: {error.strerror}; choose output.log=")
     dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
-    diff = parser.diff_phil.as_str()
+    diff = modified_parameters(phil_scope, params)
     if diff:
         logger.info("The following parameters have been modified:\n%s", diff)
 

@@ -12,9 +12,10 @@ from dials.util import log, tabulate
 from dials.util.options import ArgumentParser, flatten_experiments
 from dials.util.version import dials_version
 
+from dials_cnn.command_line import modified_parameters
 from dials_cnn.annotations import AnnotationError, image_key, read_annotations, resolve_path
 from dials_cnn.classify import image_units, read_inputs
-from dials_cnn.model import CLASS_NAMES, ModelError, load_model
+from dials_cnn.model import CLASS_NAMES, ModelError, architecture_defaults, load_model
 from dials_cnn.preprocess import PreprocessError, PreprocessParams
 from dials_cnn.training import DataSet, TrainingError, TrainingRecipe, split_indices, train
 
@@ -50,14 +51,17 @@ annotations = None
   .type = path
   .multiple = True
   .help = "Expert annotation file(s), fv5080 format. Paths in them are relative to their folder."
-architecture = *ke2018 spotnet
+architecture = *ke2018 spotnet spotcount
   .type = choice
-  .help = "ke2018: the paper's network; spotnet: the project's finer-detail network."
+  .help = "ke2018: the paper's network; spotnet: the project's finer-detail network;"
+          "spotcount: counts spots in the expert's window (the default model's network; fine-tune it"
+          "with init_model=)."
 preprocess {
-  pipeline = *ke2018 native binned
+  pipeline = *ke2018 native block binned
     .type = choice
     .help = "ke2018: whole image resized to image_size, LCN, crop around the beam;"
             "native: LCN at full resolution around the beam, then bin x bin max-binning;"
+            "block: the same with windows aligned to bin x bin blocks (about twice as fast);"
             "binned: bin x bin photon sums around the beam, then LCN."
   image_size = 960
     .type = int(value_min=8)
@@ -68,6 +72,9 @@ preprocess {
   pool = 1
     .type = int(value_min=1)
     .help = "binned: max-binning after LCN."
+  lcn_window = None
+    .type = int(value_min=3)
+    .help = "LCN window side in pixels (default: the paper's 5; block: 22, i.e. 11 blocks of 2)."
 }
 training {
   epochs = 120
@@ -180,7 +187,7 @@ def run(args=None):
     params, options = parser.parse_args(args=args, show_diff_phil=False)
     log.config(verbosity=options.verbose, logfile=params.output.log)
     logger.info(dials_version())
-    diff_phil = parser.diff_phil.as_str()
+    diff_phil = modified_parameters(phil_scope, params)
     if diff_phil:
         logger.info("The following parameters have been modified:\n%s", diff_phil)
     experiments = flatten_experiments(params.input.experiments)
@@ -204,6 +211,8 @@ def _train(params, experiments):
             preprocess = PreprocessParams(
                 pipeline=params.preprocess.pipeline, image_size=params.preprocess.image_size,
                 crop=params.preprocess.crop, bin=params.preprocess.bin, pool=params.preprocess.pool,
+                lcn_window=params.preprocess.lcn_window
+                or (11 * params.preprocess.bin if params.preprocess.pipeline == "block" else 5),
             )
             architecture = params.architecture
     except (ModelError, PreprocessError) as error:
@@ -243,7 +252,8 @@ def _train(params, experiments):
     try:
         result = train(
             dataset.subset(train_idx), dataset.subset(val_idx), architecture=architecture,
-            architecture_kwargs=init_model.architecture_kwargs if init_model else None, preprocess=preprocess,
+            architecture_kwargs=init_model.architecture_kwargs if init_model
+            else architecture_defaults(architecture, preprocess), preprocess=preprocess,
             recipe=recipe, seed=params.seed, checkpoint=checkpoint, resume=params.resume, init_model=init_model,
             test_set=dataset.subset(test_idx) if len(test_idx) else None, output=params.output.model,
             curve_png=params.output.curve, provenance=provenance, log=logger.info,

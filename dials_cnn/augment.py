@@ -74,6 +74,33 @@ class GeometricAugment:
         return out
 
 
+    def crops_with_maps(self, inputs, maps, window, indices, crop, stride, rng):
+        """Random crops as :meth:`crops`, with the same shifts (multiples of ``stride``), flips and
+        rotations applied to the images' spot maps (N, S/stride, S/stride) and to the beam-centred
+        ``window`` mask (S/stride, S/stride). Returns float32 crops, uint8 maps, float32 windows."""
+        side = inputs.shape[-1]
+        slack = (side - crop) // 2
+        steps = min(self.max_shift, slack) // stride
+        cells, slack_cells = crop // stride, slack // stride
+        out = np.empty((len(indices), crop, crop), dtype=np.float32)
+        out_maps = np.empty((len(indices), cells, cells), dtype=np.uint8)
+        out_windows = np.empty((len(indices), cells, cells), dtype=np.float32)
+        for k, i in enumerate(indices):
+            cy, cx = rng.integers(-steps, steps + 1, size=2) if steps > 0 else (0, 0)
+            y, x = slack + cy * stride, slack + cx * stride
+            patch = inputs[i, y : y + crop, x : x + crop]
+            y, x = slack_cells + cy, slack_cells + cx
+            spot_map = maps[i, y : y + cells, x : x + cells]
+            mask = window[y : y + cells, x : x + cells]
+            if self.flips and rng.random() < 0.5:
+                patch, spot_map, mask = patch[:, ::-1], spot_map[:, ::-1], mask[:, ::-1]
+            if self.rot90:
+                turns = int(rng.integers(4))
+                patch, spot_map, mask = np.rot90(patch, turns), np.rot90(spot_map, turns), np.rot90(mask, turns)
+            out[k], out_maps[k], out_windows[k] = patch, spot_map, mask
+        return out, out_maps, out_windows
+
+
 def centre_crops(inputs, indices, crop):
     """The beam-centred ``crop`` squares of ``inputs[indices]`` as float32 (B, crop, crop)."""
     slack = (inputs.shape[-1] - crop) // 2

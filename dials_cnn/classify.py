@@ -158,7 +158,7 @@ class _LayoutCutReader:
     def __init__(self, path, version):
         from dials_cnn import layouts
 
-        self.layout = layouts.LayoutFile(path, version)
+        self.layout = layouts.open_layout(path, version)
         self.dataset_name = layouts.PIXEL_DATASET[version]
         self.h5 = h5py.File(path, "r")
 

@@ -49,9 +49,10 @@ PRESET_NAMES = ("L498", "LG36", "LN84", "LN83", "LO19")
 
 
 def default_preprocess():
-    """Native resolution around the beam, max-binned 2x2 after LCN, as the default model sees stills.
+    """Native resolution around the beam, max-binned 2x2 after LCN (block pipeline: windows aligned to
+    the 2x2 blocks, computed from block sums), as the default model sees stills.
 
-    The LCN window is 21 px, not the paper's 5: LCN caps a spot that is small against its window at
+    The LCN window is 22 px (11 blocks), not the paper's 5: LCN caps a spot that is small against its window at
     about sqrt(window^2 - 1) standard deviations, so with 5 x 5 a Bragg spot can never stand above
     ~4.9 and drowns in the noise maxima of a million pixels (measured on simulated L498 and LN84 stills:
     a count of bright input pixels separates hits from misses with ROC AUC 0.50 at window 5 and
@@ -59,7 +60,7 @@ def default_preprocess():
     """
     from dials_cnn.preprocess import PreprocessParams
 
-    return PreprocessParams(pipeline="native", crop=512, bin=2, lcn_window=21)
+    return PreprocessParams(pipeline="block", crop=512, bin=2, lcn_window=22)
 
 
 def default_sources(scale=1.0):
@@ -73,30 +74,35 @@ def default_sources(scale=1.0):
 _WORKER = {}
 
 
-def _init_worker(preprocess_dict, margin):
+def _init_worker(preprocess_dict, margin, map_stride):
     import torch
 
     from dials_cnn.preprocess import PreprocessParams
 
     torch.set_num_threads(1)
-    _WORKER.update(preprocess=PreprocessParams.from_dict(preprocess_dict), margin=margin)
+    _WORKER.update(preprocess=PreprocessParams.from_dict(preprocess_dict), margin=margin, map_stride=map_stride)
 
 
 def _make_input(job):
-    """(source index, preset, randomise, seed, index) -> (source index, float16 input, label, family)."""
+    """(source index, preset, randomise, seed, index) -> (source index, float16 input, spot map or None,
+    label, family)."""
     from dials_cnn.preprocess import prepare
     from dials_cnn.projection import flat_from_array
     from dials_cnn.simulate import simulate_image
+    from dials_cnn.spot_targets import spot_target_map
 
     source_index, preset, randomise, seed, index = job
     still = simulate_image(preset, seed, index, randomise=randomise, vary_beam_centre=True)
     flat = flat_from_array(still.image, still.beam_centre_px, still.pixel_size_mm, still.mask)
-    x = prepare(flat, _WORKER["preprocess"], margin=_WORKER["margin"])
-    return source_index, x.astype(np.float16), still.truth["label"], still.family
+    params, margin, stride = _WORKER["preprocess"], _WORKER["margin"], _WORKER["map_stride"]
+    x = prepare(flat, params, margin=margin)
+    spot_map = spot_target_map(still.spots, still.beam_centre_px, params, margin, stride) if stride else None
+    return source_index, x.astype(np.float16), spot_map, still.truth["label"], still.family
 
 
-def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=None):
-    """Simulate and preprocess the ``which`` ("train" or "test") stills of every source.
+def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=None, map_stride=None):
+    """Simulate and preprocess the ``which`` ("train" or "test") stills of every source; with
+    ``map_stride``, also their spot maps (:mod:`dials_cnn.spot_targets`) at that stride.
 
     With ``cache`` (a folder), the arrays are kept there and reused when the same recipe asks again.
     """
@@ -104,7 +110,8 @@ def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=
     from dials_cnn.training import DataSet
 
     if cache:
-        key = json.dumps([which, seed, margin, preprocess.to_dict(), [dataclasses.astuple(s) for s in sources]])
+        key = json.dumps([which, seed, margin, preprocess.to_dict(), [dataclasses.astuple(s) for s in sources],
+                          map_stride])
         import hashlib
 
         stem = os.path.join(cache, f"{which}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
@@ -112,7 +119,7 @@ def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=
             log(f"  {which}: reusing {stem}.npz")
             stored = np.load(stem + ".npz")
             return DataSet(np.load(stem + ".npy", mmap_mode="r"), stored["labels"], stored["groups"],
-                           names=list(stored["families"]))
+                           names=list(stored["families"]), spot_maps=stored["spot_maps"] if map_stride else None)
 
     jobs = []
     for k, source in enumerate(sources):
@@ -123,12 +130,15 @@ def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=
     side = preprocess.crop + 2 * margin
     inputs = np.empty((len(jobs), side, side), dtype=np.float16)
     labels = np.empty(len(jobs), dtype=np.int64)
+    spot_maps = np.zeros((len(jobs), side // map_stride, side // map_stride), np.uint8) if map_stride else None
     groups, families = [], []
     started = time.time()
     context = multiprocessing.get_context("fork")
-    with context.Pool(nproc, initializer=_init_worker, initargs=(preprocess.to_dict(), margin)) as pool:
-        for n, (k, x, label, family) in enumerate(pool.imap(_make_input, jobs, chunksize=4)):
+    with context.Pool(nproc, initializer=_init_worker, initargs=(preprocess.to_dict(), margin, map_stride)) as pool:
+        for n, (k, x, spot_map, label, family) in enumerate(pool.imap(_make_input, jobs, chunksize=4)):
             inputs[n] = x
+            if map_stride:
+                spot_maps[n] = spot_map
             labels[n] = CLASS_NAMES.index(label)
             groups.append(sources[k].name)
             families.append(family)
@@ -139,8 +149,9 @@ def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=
     if cache:
         os.makedirs(cache, exist_ok=True)
         np.save(stem + ".npy", inputs)
-        np.savez(stem + ".npz", labels=labels, groups=np.asarray(groups), families=np.asarray(families))
-    return DataSet(inputs, labels, np.asarray(groups), names=families)
+        np.savez(stem + ".npz", labels=labels, groups=np.asarray(groups), families=np.asarray(families),
+                 **({"spot_maps": spot_maps} if map_stride else {}))
+    return DataSet(inputs, labels, np.asarray(groups), names=families, spot_maps=spot_maps)
 
 
 def per_source_metrics(network, dataset, crop, threshold=0.5):
@@ -173,7 +184,7 @@ def format_metrics(table):
     return "\n".join(lines)
 
 
-def build(output=DEFAULT_MODEL_PATH, architecture="spotnet", scale=0.8, epochs=24, batches_per_epoch=60,
+def build(output=DEFAULT_MODEL_PATH, architecture="spotcount", scale=1.0, epochs=36, batches_per_epoch=60,
           batch_size=32, seed=2018, nproc=2, margin=32, preprocess=None, cache=None, log=print):
     """Simulate, train and test the default model; write it to ``output`` with its metrics."""
     import torch
@@ -181,12 +192,17 @@ def build(output=DEFAULT_MODEL_PATH, architecture="spotnet", scale=0.8, epochs=2
     from dials_cnn.training import TrainingRecipe, split_indices, train
 
     preprocess = preprocess or default_preprocess()
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # before an hour of work, not after
     sources = default_sources(scale)
     log(f"Default model: {architecture}, preprocessing {preprocess}")
     log(f"Sources: " + ", ".join(f"{s.name} {s.n_train}+{s.n_test}" for s in sources))
     started = time.time()
-    data = simulate_inputs(sources, "train", seed, preprocess, margin, nproc, log, cache)
-    test_set = simulate_inputs(sources, "test", seed, preprocess, margin, nproc, log, cache)
+    from dials_cnn.model import ARCHITECTURES, architecture_defaults
+
+    map_stride = getattr(ARCHITECTURES[architecture], "stride", None)  # counting networks learn from spot maps
+    architecture_kwargs = architecture_defaults(architecture, preprocess)
+    data = simulate_inputs(sources, "train", seed, preprocess, margin, nproc, log, cache, map_stride)
+    test_set = simulate_inputs(sources, "test", seed, preprocess, margin, nproc, log, cache, map_stride)
     log(f"Simulated and preprocessed {len(data) + len(test_set)} stills in {time.time() - started:.0f} s")
     train_idx, val_idx, _ = split_indices(len(data), fractions=(0.85, 0.15, 0.0), seed=seed)
     recipe = TrainingRecipe(
@@ -201,7 +217,8 @@ def build(output=DEFAULT_MODEL_PATH, architecture="spotnet", scale=0.8, epochs=2
         "built_by": "python -m dials_cnn.default_model (make default-model)",
     }
     result = train(
-        data.subset(train_idx), data.subset(val_idx), architecture=architecture, preprocess=preprocess,
+        data.subset(train_idx), data.subset(val_idx), architecture=architecture,
+        architecture_kwargs=architecture_kwargs, preprocess=preprocess,
         recipe=recipe, seed=seed, test_set=test_set, output=None, provenance=provenance, num_threads=nproc,
         log=log,
     )
@@ -228,9 +245,9 @@ def build(output=DEFAULT_MODEL_PATH, architecture="spotnet", scale=0.8, epochs=2
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=DEFAULT_MODEL_PATH)
-    parser.add_argument("--architecture", default="spotnet")
-    parser.add_argument("--scale", type=float, default=0.8, help="multiplies the number of simulated stills")
-    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--architecture", default="spotcount")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of simulated stills")
+    parser.add_argument("--epochs", type=int, default=36)
     parser.add_argument("--batches-per-epoch", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=2018)

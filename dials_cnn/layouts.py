@@ -14,6 +14,7 @@ Writers stream one image at a time into a temporary file that replaces the targe
 """
 
 import contextlib
+import functools
 import os
 
 import h5py
@@ -337,6 +338,19 @@ def damaged_version(path, head_bytes=1 << 20):
         return found[0]
 
 
+def open_layout(path, version):
+    """The :class:`LayoutFile` of ``path``, shared while the file is unchanged (same size and
+    modification time): dxtbx makes one format instance per still of a run, i.e. opens and checks the
+    same file once per image, at each load of an experiment list."""
+    stat = os.stat(path)
+    return _open_layout(os.path.realpath(path), version, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _open_layout(path, version, mtime_ns, size):
+    return LayoutFile(path, version)  # an error is raised, never cached
+
+
 def understands(path, version):
     """What the Format classes' ``understand`` says: a consistent ``version`` file, or a damaged file
     of any of our layouts (claimed so that the reader reports it clearly; stock dxtbx HDF5 formats
@@ -361,6 +375,7 @@ class LayoutFile:
     def __init__(self, path, version):
         self.path = os.fspath(path)
         self.version = version
+        self.derived = {}  # values the readers compute from this file (static masks), kept with it
         try:
             h5 = h5py.File(self.path, "r")
         except Exception as error:
@@ -455,7 +470,7 @@ class LayoutFile:
         if sniff_version(path) != version:
             return False
         try:
-            cls(path, version)
+            open_layout(path, version)
         except Exception:
             return False
         return True

@@ -16,6 +16,7 @@ format name and version, architecture and its kwargs, state_dict, preprocessing 
 names, training provenance and test metrics.
 """
 
+import math
 import os
 
 import torch
@@ -102,7 +103,109 @@ class SpotNet(nn.Module):
         return torch.log_softmax(self.classifier(self.pooled_norm(pooled)), dim=1)
 
 
-ARCHITECTURES = {"ke2018": Ke2018, "spotnet": SpotNet}
+class SpotCounter(nn.Module):
+    """Counts Bragg spots, then applies the expert's rule to the count.
+
+    A fully convolutional spot detector gives the probability that a visible spot is centred in each
+    ``stride`` x ``stride`` cell of the input (trained densely on simulated spot maps,
+    :mod:`dials_cnn.spot_targets`). Their sum over the expert's window (and over the whole input) is the
+    expected number of spots; the class logits are linear in log(1 + count), initialised to the expert's
+    thresholds (HIT >= 10, MAYBE 4-9), so P(HIT), P(MAYBE), P(MISS) follow the count the way the
+    expert's labels do. No pooling before the cell level: a one-pixel spot is seen at full contrast.
+
+    ``window``: the expert's window in input pixels relative to the beam (x from, x to, y from, y to;
+    +y is down the image, the beam at the lower centre). ``input_size``: the side of the input it takes.
+    """
+
+    stride = 8
+
+    def __init__(self, n_classes=3, widths=(8, 16, 32), input_size=512, window=(-236.25, 236.25, -221.0, 39.0)):
+        super().__init__()
+        w1, w2, w3 = widths
+        self.window_bounds = tuple(float(v) for v in window)
+
+        def block(w_in, w_out, kernel, stride, padding, dilation=1):
+            return [nn.Conv2d(w_in, w_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=False),
+                    nn.BatchNorm2d(w_out), nn.ReLU(inplace=True)]
+
+        # receptive field 4, 8, 16 and 48 input pixels: a spot and the background around it
+        self.features = nn.Sequential(
+            *block(1, w1, 4, 2, 1), *block(w1, w2, 3, 2, 1), *block(w2, w3, 3, 2, 1), *block(w3, w3, 3, 1, 2, 2)
+        )
+        self.spot_logits = nn.Conv2d(w3, 1, 1)
+        self.classifier = nn.Linear(3, n_classes)
+        _he_init(self)
+        nn.init.normal_(self.spot_logits.weight, std=0.01)
+        nn.init.constant_(self.spot_logits.bias, -6.0)  # a spot in few cells: start near zero counts
+        with torch.no_grad():  # the expert's rule in log(1 + count) of the window: HIT >= 10, MISS < 4
+            self.classifier.weight.copy_(torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-4.0, 0.0, 0.0]]))
+            self.classifier.bias.copy_(torch.tensor([-4.0 * math.log(10.5), 0.0, 4.0 * math.log(4.5)]))
+        cells = input_size // self.stride
+        self.register_buffer("window", self.window_mask(cells), persistent=False)
+
+    def window_mask(self, cells):
+        """(cells, cells) float mask of the window for a beam-centred input of ``cells * stride`` pixels."""
+        centres = (torch.arange(cells, dtype=torch.float32) + 0.5) * self.stride - cells * self.stride / 2.0
+        x0, x1, y0, y1 = self.window_bounds
+        inside_x = (centres >= x0) & (centres < x1)
+        inside_y = (centres >= y0) & (centres < y1)
+        return (inside_y[:, None] & inside_x[None, :]).float()
+
+    def spot_map(self, x):
+        """Logits (B, 1, H / stride, W / stride) that a visible spot is centred in each cell."""
+        return self.spot_logits(self.features(x))
+
+    @staticmethod
+    def _count(probability, floor):
+        """Spots counted from cell probabilities above ``floor``: thousands of empty cells at a
+        probability of 0.002 would otherwise add up to a few phantom spots on every image."""
+        return torch.relu(probability - floor) * (1.0 / (1.0 - floor))
+
+    def counts(self, logits, window):
+        """(B, 3): expected spots in the window (cells above 5 % and above 30 %) and in the whole input."""
+        probability = torch.sigmoid(logits)
+        loose, strict = self._count(probability, 0.05), self._count(probability, 0.3)
+        return torch.stack([(loose * window).sum(dim=(1, 2, 3)), (strict * window).sum(dim=(1, 2, 3)),
+                            loose.sum(dim=(1, 2, 3))], dim=1)
+
+    def classify(self, logits, window):
+        """Log-probabilities from spot logits and a window mask (H', W') or (B, 1, H', W')."""
+        return torch.log_softmax(self.classifier(torch.log1p(self.counts(logits, window))), dim=1)
+
+    def forward(self, x):
+        return self.classify(self.spot_map(x), self.window)
+
+    def forward_train(self, x, window):
+        """(log-probabilities, spot logits) with a per-image ``window`` (B, 1, H', W') that follows the
+        augmentation of each image."""
+        logits = self.spot_map(x)
+        return self.classify(logits, window), logits
+
+    def expected_spots(self, x):
+        """Expected number of visible spots in the window of each beam-centred input (B,)."""
+        return self.counts(self.spot_map(x), self.window)[:, 0]
+
+
+ARCHITECTURES = {"ke2018": Ke2018, "spotnet": SpotNet, "spotcount": SpotCounter}
+
+
+def expert_window_in_input(preprocess):
+    """The expert's inspection window (945 x 520 native pixels, beam at its lower centre, as the
+    simulator labels stills) in input pixels relative to the beam, as :class:`SpotCounter` takes it."""
+    from dials_cnn.presets import Preset
+    from dials_cnn.spot_targets import native_pixels_per_input_pixel
+
+    width, height = Preset.window_px
+    scale = native_pixels_per_input_pixel(preprocess)
+    above = Preset.window_beam_fraction * height
+    return (-width / 2 / scale, width / 2 / scale, -above / scale, (height - above) / scale)
+
+
+def architecture_defaults(architecture, preprocess):
+    """Keyword arguments that fit an architecture to a preprocessing (input size, expert window)."""
+    if architecture == "spotcount":
+        return {"input_size": preprocess.crop, "window": list(expert_window_in_input(preprocess))}
+    return {}
 
 
 def build_network(architecture, **kwargs):

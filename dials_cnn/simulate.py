@@ -1348,6 +1348,7 @@ def simulate_still(shot, rng):
             "d": spots["d"],
             "photons": photons,
             "visible": visible,
+            "visibility_threshold": thresholds,
             "in_window": in_window,
             "lattice": lattice,
         },

@@ -24,6 +24,7 @@ from dials_cnn.augment import GeometricAugment, centre_crops
 from dials_cnn.decision import hit_decisions
 from dials_cnn.fileio import atomic_path
 from dials_cnn.model import CLASS_NAMES, ScreeningModel, build_network, check_input_size, save_model
+from dials_cnn.spot_targets import IGNORE, SPOT
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class TrainingRecipe:
     balance: str = "class"  # "class", "group_class" (needs groups) or "none"
     keep: str = "best"  # "best" (lowest validation loss) or "last" epoch's weights
     eval_batch_size: int = 32
+    # with spot maps (simulated stills) and a counting network: weight of the per-cell spot loss,
+    # summed over an image's cells, against the per-image class loss
+    spot_weight: float = 0.05
 
     def learning_rate(self, epoch):
         """Learning rate of ``epoch`` (1-based): 10^-(1 + 3 (e-1)/(E-1)) for the paper's defaults."""
@@ -71,12 +75,14 @@ class TrainingRecipe:
 @dataclasses.dataclass
 class DataSet:
     """Preprocessed inputs (N, S, S) — S may exceed the crop to allow shifts — with int labels
-    (indices into ``CLASS_NAMES``), optional group ids (e.g. preset names) and image names."""
+    (indices into ``CLASS_NAMES``), optional group ids (e.g. preset names) and image names, and
+    optionally dense spot maps (N, S / stride, S / stride) of :mod:`dials_cnn.spot_targets`."""
 
     inputs: np.ndarray
     labels: np.ndarray
     groups: np.ndarray = None
     names: list = None
+    spot_maps: np.ndarray = None
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -94,6 +100,7 @@ class DataSet:
             self.inputs[indices], self.labels[indices],
             None if self.groups is None else self.groups[indices],
             None if self.names is None else [self.names[i] for i in indices],
+            None if self.spot_maps is None else self.spot_maps[indices],
         )
 
 
@@ -274,6 +281,14 @@ def train(train_set, val_set, architecture="ke2018", architecture_kwargs=None, p
                                 weight_decay=recipe.weight_decay)
     sampler = BalancedSampler(train_set, recipe.balance)
     augment = GeometricAugment(recipe.max_shift, recipe.flips, recipe.rot90)
+    dense = train_set.spot_maps is not None and hasattr(network, "forward_train")
+    if dense:
+        stride = network.stride
+        if train_set.inputs.shape[-1] != train_set.spot_maps.shape[-1] * stride:
+            raise TrainingError(f"spot maps {train_set.spot_maps.shape[1:]} do not fit inputs "
+                                f"{train_set.inputs.shape[1:]} at the network's stride {stride}")
+        full_window = network.window_mask(train_set.spot_maps.shape[-1]).numpy()
+        log(f"Dense spot supervision: {train_set.spot_maps.shape[-1]}^2 cells of {stride} px per image")
     history = []
     best = (math.inf, None, 0)  # validation loss, state_dict, epoch
     first_epoch = 1
@@ -301,11 +316,21 @@ def train(train_set, val_set, architecture="ke2018", architecture_kwargs=None, p
         loss_sum, correct = 0.0, 0
         for _ in range(recipe.batches_per_epoch):
             indices = sampler.draw(recipe.batch_size, rng)
-            batch = torch.from_numpy(augment.crops(train_set.inputs, indices, preprocess.crop, rng))[:, None]
             target = torch.from_numpy(train_set.labels[indices])
             optimiser.zero_grad(set_to_none=True)
-            output_log = network(batch)
-            loss = F.nll_loss(output_log, target)
+            if dense:
+                crops, maps, windows = augment.crops_with_maps(
+                    train_set.inputs, train_set.spot_maps, full_window, indices, preprocess.crop, stride, rng)
+                output_log, spot_logits = network.forward_train(
+                    torch.from_numpy(crops)[:, None], torch.from_numpy(windows)[:, None])
+                maps = torch.from_numpy(maps)[:, None]
+                spot_loss = F.binary_cross_entropy_with_logits(
+                    spot_logits, (maps == SPOT).float(), weight=(maps != IGNORE).float(), reduction="sum")
+                loss = F.nll_loss(output_log, target) + recipe.spot_weight * spot_loss / len(indices)
+            else:
+                batch = torch.from_numpy(augment.crops(train_set.inputs, indices, preprocess.crop, rng))[:, None]
+                output_log = network(batch)
+                loss = F.nll_loss(output_log, target)
             loss.backward()
             optimiser.step()
             loss_sum += float(loss.detach()) * len(indices)

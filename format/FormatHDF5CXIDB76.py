@@ -24,7 +24,7 @@ class FormatHDF5Layout(FormatHDF5, FormatStill):
 
     def _start(self):
         # Raises LayoutError naming the file if the file changed since understand()
-        self._layout = layouts.LayoutFile(self._image_file, self.layout_version)
+        self._layout = layouts.open_layout(self._image_file, self.layout_version)
         self._detectors_by_distance = {}
         self._beams_by_wavelength = {}
         self._static_mask = None
@@ -104,10 +104,13 @@ class FormatHDF5Layout(FormatHDF5, FormatStill):
     def get_static_mask(self):
         # dxtbx 3.11 hands this to ImageSet masks (DIALS spot finding, imageset.get_mask)
         if self._static_mask is None:
-            masks = self._mask_array()
-            if masks is None:
-                return None
-            self._static_mask = tuple(flex.bool(np.ascontiguousarray(m)) for m in masks)
+            # one mask per unchanged file (the layout is shared), not one per still
+            key = ("static_mask", type(self))
+            if key not in self._layout.derived:
+                masks = self._mask_array()
+                self._layout.derived[key] = None if masks is None else tuple(
+                    flex.bool(np.ascontiguousarray(m)) for m in masks)
+            self._static_mask = self._layout.derived[key]
         return self._static_mask
 
 

@@ -81,3 +81,42 @@ def test_std_floor_keeps_flat_background_unamplified():
 def test_rejects_wrong_dimensions():
     with pytest.raises(ValueError, match="2-D image"):
         local_contrast_normalise(np.zeros(10))
+
+
+def reference_block_lcn(image, block, window_blocks, std_floor=1.0):
+    """LCN of every native pixel over the pixels of the window_blocks x window_blocks blocks around its
+    block (blocks reflect-padded), then the maximum per block — pixel by pixel, in float64."""
+    x = np.asarray(image, dtype=np.float64)
+    std = x.std()
+    z = (x - x.mean()) / (std if std > 0 else 1.0)
+    rows, cols = z.shape[0] // block, z.shape[1] // block
+    blocks = z.reshape(rows, block, cols, block).transpose(0, 2, 1, 3)  # (rows, cols, block, block)
+    half = window_blocks // 2
+    padded = np.pad(blocks, ((half, half), (half, half), (0, 0), (0, 0)), mode="reflect")
+    out = np.empty((rows, cols))
+    for row in range(rows):
+        for col in range(cols):
+            window = padded[row : row + window_blocks, col : col + window_blocks]
+            normalised = (blocks[row, col] - window.mean()) / max(window.std(), std_floor)
+            out[row, col] = normalised.max()
+    return out
+
+
+@pytest.mark.parametrize("shape,block,window_blocks,floor", [((48, 64), 2, 5, 1.0), ((36, 60), 3, 3, 0.5),
+                                                              ((64, 64), 2, 11, 1.0)])
+def test_block_lcn_is_native_lcn_then_max_binning(shape, block, window_blocks, floor):
+    from dials_cnn.lcn import block_lcn_max
+
+    image = detector_like(shape, 7) + 1000.0  # a pedestal: the variance must not cancel
+    fast = block_lcn_max(torch.from_numpy(image), block, window_blocks, floor).numpy()
+    assert fast.shape == (shape[0] // block, shape[1] // block)
+    np.testing.assert_allclose(fast, reference_block_lcn(image, block, window_blocks, floor), rtol=0, atol=1e-4)
+
+
+def test_block_lcn_rejects_what_it_cannot_honour():
+    from dials_cnn.lcn import block_lcn_max
+
+    with pytest.raises(ValueError, match="multiples of 2"):
+        block_lcn_max(torch.zeros(5, 8), 2, 3)
+    with pytest.raises(ValueError, match="odd number"):
+        block_lcn_max(torch.zeros(8, 8), 2, 4)

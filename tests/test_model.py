@@ -118,3 +118,24 @@ def test_decisions():
     assert hit_decisions(p, threshold=0.4).tolist() == [True, False, True]
     assert decision_labels(p).tolist() == ["Hit", "Miss", "Miss"]
     assert argmax_classes(p).tolist() == ["MISS", "MISS", "MISS"]
+
+
+def test_spotcount_counts_spots_in_the_window_and_applies_the_experts_rule():
+    network = build_network("spotcount", input_size=128, window=[-40.0, 40.0, -48.0, 8.0]).eval()
+    assert network(torch.zeros(2, 1, 128, 128)).shape == (2, 3)
+    window = network.window
+    cells = 128 // network.stride
+    assert window.shape == (cells, cells)
+    # beam at the lower centre: the window reaches further above the beam (rows < centre) than below
+    rows = torch.nonzero(window.sum(1)).flatten()
+    assert cells // 2 - rows.min() > rows.max() - cells // 2
+    # a spot map with n certain spots inside the window and none elsewhere: HIT >= 10, MAYBE 4-9, MISS < 4
+    inside = torch.nonzero(window.flatten()).flatten()
+    expected = {12: "HIT", 30: "HIT", 6: "MAYBE", 1: "MISS", 0: "MISS"}
+    for n, label in expected.items():
+        logits = torch.full((1, 1, cells, cells), -30.0)
+        logits.view(-1)[inside[:n]] = 30.0
+        log_p = network.classify(logits, window)
+        assert ("HIT", "MAYBE", "MISS")[int(log_p.argmax())] == label, (n, log_p.exp())
+    with pytest.raises(RuntimeError):  # the window is made for the input size it was built for
+        network(torch.zeros(1, 1, 96, 96))

@@ -56,6 +56,22 @@ def test_native_pipeline_is_lcn_then_max_binning_around_the_beam():
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
+def test_block_pipeline_is_block_lcn_around_the_beam():
+    from dials_cnn.lcn import block_lcn_max
+    import torch
+
+    image = background((300, 300), seed=2)
+    params = PreprocessParams(pipeline="block", crop=50, bin=2, lcn_window=10)
+    out = prepare(flat_from_array(image, beam_centre_px=(150.0, 140.0)), params)
+    expected = block_lcn_max(torch.from_numpy(image[90:190, 100:200]), 2, 5).numpy()
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    # windows must be an odd number of blocks
+    with pytest.raises(PreprocessError, match="odd number of 2-pixel blocks"):
+        PreprocessParams(pipeline="block", bin=2, lcn_window=21)
+    with pytest.raises(PreprocessError, match="odd number of 2-pixel blocks"):
+        PreprocessParams(pipeline="block", bin=2, lcn_window=20)
+
+
 def test_binned_pipeline_is_photon_sums_then_lcn():
     image = background((300, 300), seed=9)
     params = PreprocessParams(pipeline="binned", crop=50, bin=2)
@@ -86,11 +102,13 @@ def test_one_pixel_spots_survive_native_but_fade_at_the_paper_scale():
     image = blank.copy()
     image[rng.integers(700, 1060, 30), rng.integers(700, 1060, 30)] += 60
     visible = {}
-    for params in (NATIVE, KE2018, PreprocessParams(pipeline="binned", bin=2)):
+    for params in (NATIVE, KE2018, PreprocessParams(pipeline="binned", bin=2),
+                   PreprocessParams(pipeline="block", crop=720, bin=2, lcn_window=6)):
         noise_max = prepare(flat_from_array(blank, beam_centre_px=(882.5, 882.5)), params).max()
         out = prepare(flat_from_array(image, beam_centre_px=(882.5, 882.5)), params)
         visible[params.pipeline] = int((out > noise_max).sum())
     assert visible["native"] >= 25  # measured 28
+    assert visible["block"] >= 25  # the same windows, aligned to the 2 x 2 blocks
     assert visible["ke2018"] <= 15  # measured 11
     assert visible["binned"] > visible["ke2018"]  # measured 17
 

@@ -136,3 +136,48 @@ def test_metrics_in_the_papers_terms():
     assert metrics["hit_maybe_recall"] == 0.5 and metrics["miss_specificity"] == 0.5
     assert metrics["accuracy"] == 0.5
     assert metrics["confusion_true_by_predicted"] == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]
+
+
+def test_counting_network_learns_from_spot_maps(tmp_path):
+    """Dense supervision: the spot map of each still teaches spotcount where its spots are, and its
+    expected count follows the true one on stills it never saw."""
+    from dials_cnn.spot_targets import SPOT
+
+    params = PreprocessParams(pipeline="native", crop=64, bin=2, lcn_window=9)
+    margin, stride, size = 8, 8, 192
+    rng = np.random.default_rng(4)
+
+    def still_and_map(label):
+        image = rng.poisson(rng.uniform(1, 6), (size, size)).astype(np.float32)
+        n = {0: rng.integers(12, 25), 1: rng.integers(4, 10), 2: rng.integers(0, 2)}[label]
+        beam = size / 2
+        # spots where the beam-centred 64 px input (128 native px) sees them
+        y, x = rng.integers(beam - 60, beam + 60, (2, n))
+        image[y, x] += rng.uniform(60, 400, n)
+        target = np.zeros(((params.crop + 2 * margin) // stride,) * 2, np.uint8)
+        top = beam - (params.crop + 2 * margin)  # native pixels: the input spans 2 x (64 + 16)
+        target[((y - top) // (2 * stride)).astype(int), ((x - top) // (2 * stride)).astype(int)] = SPOT
+        return flat_from_array(image, (beam, beam), 0.11), target, n
+
+    labels = np.tile([0, 1, 2], 50)
+    made = [still_and_map(label) for label in labels]
+    inputs = prepare_many([m[0] for m in made], params, margin=margin, dtype=np.float16)
+    dataset = DataSet(inputs, labels, spot_maps=np.stack([m[1] for m in made]))
+    counts = np.array([m[2] for m in made])
+    train_idx, val_idx, test_idx = split_indices(len(dataset), seed=2)
+    recipe = TrainingRecipe(epochs=6, batches_per_epoch=8, batch_size=16, lr_start=0.05, lr_end=0.005,
+                            max_shift=margin)
+    torch.set_num_threads(1)
+    lines = []
+    kwargs = {"input_size": params.crop, "window": [-32.0, 32.0, -32.0, 32.0]}  # all of the input
+    result = train(dataset.subset(train_idx), dataset.subset(val_idx), architecture="spotcount",
+                   architecture_kwargs=kwargs, preprocess=params, recipe=recipe, seed=0,
+                   test_set=dataset.subset(test_idx), output=tmp_path / "count.pt", log=lines.append)
+    assert any("Dense spot supervision" in line for line in lines)
+    test = result.metrics["test"]
+    assert test["accuracy"] > 0.7 and test["hit_maybe_recall"] > 0.8 and test["miss_specificity"] > 0.8, test
+    network = load_model(tmp_path / "count.pt").network
+    with torch.no_grad():
+        centre = torch.from_numpy(np.asarray(inputs[test_idx, margin:-margin, margin:-margin], np.float32))
+        expected = network.expected_spots(centre[:, None]).numpy()
+    assert np.corrcoef(expected, counts[test_idx])[0, 1] > 0.8
