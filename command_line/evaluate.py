@@ -18,6 +18,8 @@ from dials_cnn.classify import image_units
 from dials_cnn.command_line.classify import resolve_model
 from dials_cnn.model import ModelError, load_model
 from dials_cnn.report import EvaluationError, evaluate, write_html, write_json
+from dials_cnn.studies import StudyError
+from dials_cnn.training import TrainingRecipe
 
 logger = logging.getLogger("dials.cnn_evaluate")
 
@@ -46,6 +48,9 @@ Examples::
 
   dials.cnn_evaluate imported.expt annotations=labels.txt baseline.threshold=25 \\
       spotfinder.threshold.dispersion.gain=0.5
+
+  dials.cnn_evaluate imported.expt annotations=expert_annotation.txt \\
+      study.training_sizes=50,100,200 study.contrast=True     # the paper's Tables 7 and 8
 """
 
 phil_scope = iotbx.phil.parse(
@@ -89,6 +94,31 @@ tsne {
   max_images = 2000
     .type = int(value_min=5)
 }
+study {
+  training_sizes = None
+    .type = ints(value_min=2)
+    .help = "Training-size study (paper Table 7): for each size, train a model from scratch on that many"
+            "annotated images of each run (from the training half of a seeded 50/20/30 split), with the"
+            "first model's architecture and preprocessing, and test it on the run's test split."
+  contrast = False
+    .type = bool
+    .help = "LCN versus linear contrast (paper Table 8): train on the whole training split once with the"
+            "first model's preprocessing and once with the other contrast, test both on the test split."
+  epochs = 10
+    .type = int(value_min=1)
+  batches_per_epoch = 20
+    .type = int(value_min=1)
+  batch_size = 16
+    .type = int(value_min=1)
+  lr_start = 0.03
+    .type = float(value_min=0)
+  lr_end = 0.0006
+    .type = float(value_min=0)
+  max_shift = 16
+    .type = int(value_min=0)
+  seed = 0
+    .type = int
+}
 output {
   directory = .
     .type = path
@@ -104,6 +134,17 @@ include scope dials.algorithms.spot_finding.factory.phil_scope
     % (" ".join(["*none"] + list(PRESETS)), DEFAULT_THRESHOLD),
     process_includes=True,
 )
+
+
+def study_options(study):
+    """Keyword arguments of dials_cnn.studies.run_studies, or None when no study is asked for."""
+    if not study.training_sizes and not study.contrast:
+        return None
+    recipe = TrainingRecipe(epochs=study.epochs, batches_per_epoch=study.batches_per_epoch,
+                            batch_size=study.batch_size, lr_start=study.lr_start, lr_end=study.lr_end,
+                            max_shift=study.max_shift, max_grad_norm=10.0)
+    return {"training_sizes": list(study.training_sizes or []), "contrast": study.contrast, "recipe": recipe,
+            "seed": study.seed}
 
 
 def model_names(paths):
@@ -141,7 +182,7 @@ def run(args=None):
     os.makedirs(params.output.directory, exist_ok=True)
     log.config(verbosity=options.verbose, logfile=os.path.join(params.output.directory, params.output.log))
     logger.info(dials_version())
-    diff_phil = modified_parameters(phil_scope, params)
+    diff_phil = modified_parameters(master, params)
     if diff_phil:
         logger.info("The following parameters have been modified:\n%s", diff_phil)
 
@@ -189,9 +230,9 @@ def run(args=None):
             baseline_params=baseline_params, baseline_threshold=threshold, baseline_preset=preset_name,
             spotfinder_phil=spotfinder_text, batch_size=params.batch_size, nproc=params.nproc,
             saliency_per_class=params.saliency_images_per_class, tsne=params.tsne.enable,
-            tsne_max_images=params.tsne.max_images, log=logger.info,
+            tsne_max_images=params.tsne.max_images, studies=study_options(params.study), log=logger.info,
         )
-    except (AnnotationError, EvaluationError) as error:
+    except (AnnotationError, EvaluationError, StudyError) as error:
         raise dials.util.Sorry(str(error))
     document["parameters"] = diff_phil
 

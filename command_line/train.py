@@ -75,6 +75,9 @@ preprocess {
   lcn_window = None
     .type = int(value_min=3)
     .help = "LCN window side in pixels (default: the paper's 5; block: 22, i.e. 11 blocks of 2)."
+  contrast = *lcn linear
+    .type = choice
+    .help = "lcn: local contrast normalisation (the paper's); linear: the global z-score alone (Table 8)."
 }
 training {
   epochs = 120
@@ -213,6 +216,7 @@ def _train(params, experiments):
                 crop=params.preprocess.crop, bin=params.preprocess.bin, pool=params.preprocess.pool,
                 lcn_window=params.preprocess.lcn_window
                 or (11 * params.preprocess.bin if params.preprocess.pipeline == "block" else 5),
+                contrast=params.preprocess.contrast,
             )
             architecture = params.architecture
     except (ModelError, PreprocessError) as error:

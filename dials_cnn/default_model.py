@@ -207,7 +207,7 @@ def build(output=DEFAULT_MODEL_PATH, architecture="spotcount", scale=1.0, epochs
     train_idx, val_idx, _ = split_indices(len(data), fractions=(0.85, 0.15, 0.0), seed=seed)
     recipe = TrainingRecipe(
         epochs=epochs, batches_per_epoch=batches_per_epoch, batch_size=batch_size, lr_start=0.05,
-        lr_end=5e-4, max_shift=margin, balance="group_class", keep="best",
+        lr_end=5e-4, max_shift=margin, balance="group_class", keep="best", max_grad_norm=10.0,
     )
     torch.set_num_threads(nproc)
     provenance = {

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dials_cnn.lcn import block_lcn_max, lcn_torch
+from dials_cnn.lcn import block_lcn_max, lcn_torch, zscore
 
 PREPROCESS_VERSION = 1
 PIPELINES = ("ke2018", "native", "block", "binned")
+CONTRASTS = ("lcn", "linear")
 
 
 class PreprocessError(ValueError):
@@ -48,11 +49,14 @@ class PreprocessParams:
     pool: int = 1  # binned: max-binning after LCN (a one-pixel spot keeps its contrast)
     lcn_window: int = 5
     lcn_std_floor: float = 1.0
+    contrast: str = "lcn"  # "linear": the global z-score alone, no local normalisation (paper Table 8)
     version: int = PREPROCESS_VERSION
 
     def __post_init__(self):
         if self.pipeline not in PIPELINES:
             raise PreprocessError(f"unknown preprocessing pipeline {self.pipeline!r} (known: {', '.join(PIPELINES)})")
+        if self.contrast not in CONTRASTS:
+            raise PreprocessError(f"unknown contrast {self.contrast!r} (known: {', '.join(CONTRASTS)})")
         if self.crop < 8 or self.image_size < 8 or self.bin < 1 or self.pool < 1 or self.lcn_window < 3:
             raise PreprocessError(f"invalid preprocessing parameters: {self}")
         if self.pipeline == "block":
@@ -148,6 +152,13 @@ def input_region(params, beam_centre_px, margin=0):
     return top, left, native_side, native_side
 
 
+def _normalise(image, params):
+    """LCN, or with ``contrast="linear"`` the global z-score alone."""
+    if params.contrast == "linear":
+        return zscore(image)
+    return lcn_torch(image, params.lcn_window, params.lcn_std_floor)
+
+
 def prepare(flat, params, augment=None, rng=None, margin=0):
     """The network input for one :class:`~dials_cnn.projection.FlatImage`: float32 (crop+2m, crop+2m).
 
@@ -163,7 +174,7 @@ def prepare(flat, params, augment=None, rng=None, margin=0):
         factor = params.image_size / max(h, w)
         size = (max(1, int(round(h * factor))), max(1, int(round(w * factor))))
         resized = F.interpolate(image[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        normalised = lcn_torch(resized, params.lcn_window, params.lcn_std_floor)
+        normalised = _normalise(resized, params)
         # Pixel-centre convention: a position p (in pixels) maps to p * factor on the resized grid.
         beam = (flat.beam_centre_px[0] * size[1] / w, flat.beam_centre_px[1] * size[0] / h)
         top, left = _square_around(beam, side)
@@ -173,16 +184,15 @@ def prepare(flat, params, augment=None, rng=None, margin=0):
             native_side = side * params.bin
             top, left = _square_around(flat.beam_centre_px, native_side)
             region = _cut(image, top, left, native_side)
-            if params.pipeline == "native":
-                out = max_bin(lcn_torch(region, params.lcn_window, params.lcn_std_floor), params.bin)
-            else:
+            if params.pipeline == "block" and params.contrast == "lcn":
                 out = block_lcn_max(region, params.bin, params.lcn_window // params.bin, params.lcn_std_floor)
+            else:
+                out = max_bin(_normalise(region, params), params.bin)
         else:
             native_side = side * params.bin * params.pool
             top, left = _square_around(flat.beam_centre_px, native_side)
             region = _cut(image, top, left, native_side)
-            normalised = lcn_torch(sum_bin(region, params.bin), params.lcn_window, params.lcn_std_floor)
-            out = max_bin(normalised, params.pool)
+            out = max_bin(_normalise(sum_bin(region, params.bin), params), params.pool)
     return out.to(torch.float32).numpy()
 
 

@@ -33,13 +33,7 @@ CURVE_THRESHOLDS = tuple(round(t, 2) for t in np.linspace(0.0, 1.0, 101))
 CONFIDENCE_BINS = tuple(round(b, 2) for b in np.linspace(0.0, 1.0, 21))
 CALIBRATION_BINS = tuple(round(b, 2) for b in np.linspace(0.0, 1.0, 11))
 CLASS_COLOURS = {"HIT": "#d62728", "MAYBE": "#1f77b4", "MISS": "#2ca02c"}  # the paper's Fig. 11 colours
-FOLLOW_UPS = (
-    "Training-size study (paper Table 7): train with dials.cnn_train on 100, 200, 500 and 1000 images "
-    "(annotation files cut to those sizes) and give each model to dials.cnn_evaluate; the "
-    "cross-dataset matrix then holds the study. A one-command option is not implemented yet.",
-    "LCN versus linear contrast (paper Table 8): needs a preprocessing pipeline without LCN in "
-    "dials_cnn.preprocess; not implemented yet.",
-)
+FOLLOW_UPS = ()
 
 
 class EvaluationError(ValueError):
@@ -681,6 +675,8 @@ def render_html(document, saliency_images=None):
             h.add("<h3>Features the last layer sees (paper Fig. 11)</h3><div class='figs'>")
             h.image(plot_tsne(run["tsne"]), "t-SNE")
             h.add("</div>")
+        if run.get("studies"):
+            h.add(_studies_html(h, f"{base}/studies", run["studies"]))
         if saliency_images.get(run["name"]):
             h.add("<h3>Saliency: |dL/dx| beyond 3 sigma, in red, over the network input (paper Fig. 10)</h3>"
                   "<div class='figs'>")
@@ -693,9 +689,34 @@ def render_html(document, saliency_images=None):
         h.add(f"<p>Spotfinder parameters differing from dials.find_spots' defaults:</p>"
               f"<pre>{html.escape(baseline.get('spotfinder_phil') or '(none)')}</pre>")
     h.add(f"<pre>{html.escape(document.get('parameters', ''))}</pre>")
-    h.add("<h2>Not in this report yet</h2><ul>" + "".join(f"<li>{html.escape(t)}</li>" for t in document["follow_ups"])
-          + "</ul></body></html>")
+    if document["follow_ups"]:
+        h.add("<h2>Not in this report yet</h2><ul>"
+              + "".join(f"<li>{html.escape(t)}</li>" for t in document["follow_ups"]) + "</ul>")
+    h.add("</body></html>")
     return "\n".join(h.parts)
+
+
+def _studies_html(h, base, studies):
+    split = studies["split"]
+    parts = [f"<p class='note'>Models trained from scratch on this run (architecture and preprocessing of the "
+             f"first model, {studies['recipe']['epochs']} epochs of {studies['recipe']['batches_per_epoch']} "
+             f"batches); split 50/20/30 with seed {split['seed']}: {split['train']} / {split['validation']} / "
+             f"{split['test']}; all tested on the same {split['test']} test images.</p>"]
+    columns = ("training_images", "success_rate", "hit_maybe_recall", "miss_specificity", "train_seconds")
+    kinds = ("count", "percent", "percent", "percent", "seconds")
+    header = ("<tr><th>training images</th><th>success rate</th><th>Hit+Maybe recall</th>"
+              "<th>Miss specificity</th><th>train s</th></tr>")
+    for key, title, first in (("training_size", "Training-size study (paper Table 7)", None),
+                              ("contrast", "LCN versus linear contrast (paper Table 8)", "contrast")):
+        if not studies.get(key):
+            continue
+        parts.append(f"<h3>{title}</h3><table>" + (header.replace("<tr>", "<tr><th>contrast</th>", 1) if first else header))
+        for i, row in enumerate(studies[key]):
+            cells = "".join(h.cell(f"{base}/{key}/{i}/{c}", k) for c, k in zip(columns, kinds))
+            lead = f"<td class='text'>{html.escape(row['contrast'])}</td>" if first else ""
+            parts.append(f"<tr>{lead}{cells}</tr>")
+        parts.append("</table>")
+    return "".join(parts)
 
 
 def write_html(path, document, saliency_images=None):
@@ -710,8 +731,11 @@ def write_html(path, document, saliency_images=None):
 
 def evaluate(units, annotation_files, models, threshold=0.5, baseline_params=None, baseline_threshold=None,
              baseline_preset=None, spotfinder_phil="", batch_size=16, nproc=1, saliency_per_class=2,
-             tsne=True, tsne_max_images=2000, log=None):
+             tsne=True, tsne_max_images=2000, studies=None, log=None):
     """Run the CNN(s) and the baseline on the annotated ``units``; return ``(document, saliency_images)``.
+
+    ``studies``: keyword arguments of :func:`dials_cnn.studies.run_studies` (``training_sizes``,
+    ``contrast``, ``recipe``, ``seed``) to train the paper's Table 7 / Table 8 models on each run.
 
     ``models``: ``{name: ScreeningModel}`` (the first one gets saliency maps and t-SNE).
     ``baseline_params``: extracted ``dials.find_spots`` parameters (:func:`dials_cnn.baseline.spotfinder_params`),
@@ -810,6 +834,11 @@ def evaluate(units, annotation_files, models, threshold=0.5, baseline_params=Non
             caption = (f"{os.path.basename(run_units[k].path)} [{run_units[k].file_index + 1}] expert {expert[k]}, "
                        f"CNN {record.predicted_class}, {record.decision} (P(H)+P(M)={p_hit_maybe:.2f})")
             saliency_images[name].append((plot_saliency(array, salient, caption), caption))
+        if studies:
+            from dials_cnn.studies import run_studies
+
+            run["studies"] = run_studies([run_units[k] for k in keep], kept_expert, model, nproc=nproc,
+                                         threshold=threshold, log=log, **studies)
         document["runs"].append(run)
     document["cross_dataset"] = cross_dataset(document)
     document["unannotated_images"] = len(unannotated)

@@ -56,6 +56,9 @@ class TrainingRecipe:
     # with spot maps (simulated stills) and a counting network: weight of the per-cell spot loss,
     # summed over an image's cells, against the per-image class loss
     spot_weight: float = 0.05
+    # largest gradient norm per step (None: unclipped, the paper's recipe); a counting network's
+    # summed spot loss can otherwise throw the first steps at high learning rates far off
+    max_grad_norm: float = None
 
     def learning_rate(self, epoch):
         """Learning rate of ``epoch`` (1-based): 10^-(1 + 3 (e-1)/(E-1)) for the paper's defaults."""
@@ -332,6 +335,8 @@ def train(train_set, val_set, architecture="ke2018", architecture_kwargs=None, p
                 output_log = network(batch)
                 loss = F.nll_loss(output_log, target)
             loss.backward()
+            if recipe.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(network.parameters(), recipe.max_grad_norm)
             optimiser.step()
             loss_sum += float(loss.detach()) * len(indices)
             correct += int((output_log.argmax(1) == target).sum())

@@ -156,3 +156,25 @@ def test_geometric_augment_shifts_flips_rotates_within_margin():
     np.testing.assert_array_equal(centre_crops(inputs, [1], 8)[0], inputs[1, 2:10, 2:10])
     plain = GeometricAugment(max_shift=0, flips=False, rot90=False).crops(inputs, [0], 8, np.random.default_rng(0))
     np.testing.assert_array_equal(plain[0], inputs[0, 2:10, 2:10])
+
+
+def test_linear_contrast_is_the_global_zscore_alone():
+    """The paper's Table 8 alternative to LCN: same cut and binning, no local normalisation."""
+    image = background((300, 300), seed=11)
+    image[140, 150] += 500.0
+    for pipeline in ("native", "block", "binned"):
+        lcn = PreprocessParams(pipeline=pipeline, crop=50, bin=2, lcn_window=10 if pipeline == "block" else 5)
+        linear = PreprocessParams.from_dict(dict(lcn.to_dict(), contrast="linear"))
+        out = prepare(flat_from_array(image, beam_centre_px=(150.0, 140.0)), linear)
+        region = image[90:190, 100:200]
+        if pipeline == "binned":
+            region = region.reshape(50, 2, 50, 2).sum(axis=(1, 3))
+        z = (region - region.mean()) / region.std()
+        expected = z if pipeline == "binned" else z.reshape(50, 2, 50, 2).max(axis=(1, 3))
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+        assert not np.allclose(out, prepare(flat_from_array(image, beam_centre_px=(150.0, 140.0)), lcn))
+    with pytest.raises(PreprocessError, match="unknown contrast"):
+        PreprocessParams(contrast="gamma")
+    # model files written before the option existed read as LCN
+    legacy = {k: v for k, v in PreprocessParams().to_dict().items() if k != "contrast"}
+    assert PreprocessParams.from_dict(legacy).contrast == "lcn"

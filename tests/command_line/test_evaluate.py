@@ -95,3 +95,37 @@ def test_bad_inputs_give_one_clear_error(evaluated, tmp_path):
     with pytest.raises(Sorry, match="not a dials_cnn model file"):
         evaluate_command.run([h5, f"annotations={runs['LO19'][1]}", f"model={broken}", f"output.directory={tmp_path}"])
     assert not (tmp_path / "dials.cnn_evaluate.json").exists()
+
+
+def test_training_size_and_contrast_studies(tmp_path):
+    """The paper's Tables 7 and 8 on the user's run: models trained on 4 and 10 annotated images, and with
+    LCN and linear contrast, all tested on the same test split; every number recomputes from the JSON."""
+    from dials_cnn.studies import success_from_probabilities
+
+    h5, annotation, labels = write_small_run(tmp_path, "LO19", n_images=20, seed=6)
+    model = tiny_model(tmp_path / "tiny.pt")
+    out = tmp_path / "out"
+    evaluate_command.run([str(h5), f"annotations={annotation}", f"model={model}", "baseline.enable=False",
+                          "study.training_sizes=4,10", "study.contrast=True", "study.epochs=2",
+                          "study.batches_per_epoch=2", "study.batch_size=8", "study.max_shift=4",
+                          "saliency_images_per_class=0", "tsne.enable=False", f"output.directory={out}"])
+    document = json.loads((out / "dials.cnn_evaluate.json").read_text())
+    studies = document["runs"][0]["studies"]
+    split = studies["split"]
+    assert (split["train"], split["validation"], split["test"]) == (10, 4, 6)
+    test_labels = [labels[k] for k in split["test_images"]]
+    trained = [row["training_images"] for row in studies["training_size"]]
+    assert trained and set(trained) <= {4, 10}  # a size whose images hold one class only is skipped
+    assert [row["contrast"] for row in studies["contrast"]] == ["lcn", "linear"]
+    for row in studies["training_size"] + studies["contrast"]:
+        assert len(row["probabilities"]) == 6
+        assert row["success_rate"] == pytest.approx(success_from_probabilities(row["probabilities"], test_labels))
+    text = (out / "dials.cnn_evaluate.html").read_text()
+    assert "paper Table 7" in text and "paper Table 8" in text
+    cells = [c for c in html_cells(text) if "/studies/" in c[0]]
+    assert cells
+    for path, kind, shown in cells:
+        assert shown == report.format_value(report._get(document, path), kind), path
+    with pytest.raises(Sorry, match="do not fit the training split of 10"):
+        evaluate_command.run([str(h5), f"annotations={annotation}", f"model={model}", "baseline.enable=False",
+                              "study.training_sizes=11", f"output.directory={tmp_path / 'bad'}"])
