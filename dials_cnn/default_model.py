@@ -253,10 +253,18 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=2018)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--cache", default=None, help="folder keeping the simulated inputs for a rerun")
+    parser.add_argument("--paper", action="store_true",
+                        help="the paper's network and preprocessing (ke2018, 960 resize, 720 crop, 5x5 LCN) on the "
+                             "same simulated stills, for a side-by-side comparison")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build(args.output, args.architecture, args.scale, args.epochs, args.batches_per_epoch, args.batch_size,
-          args.seed, args.nproc, cache=args.cache, log=lambda line: print(line, flush=True))
+    architecture, preprocess = args.architecture, None
+    if args.paper:
+        from dials_cnn.preprocess import KE2018
+
+        architecture, preprocess = "ke2018", KE2018
+    build(args.output, architecture, args.scale, args.epochs, args.batches_per_epoch, args.batch_size,
+          args.seed, args.nproc, preprocess=preprocess, cache=args.cache, log=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":
