@@ -73,7 +73,6 @@ class GeometricAugment:
             out[k] = patch
         return out
 
-
     def crops_with_maps(self, inputs, maps, window, indices, crop, stride, rng):
         """Random crops as :meth:`crops`, with the same shifts (multiples of ``stride``), flips and
         rotations applied to the images' spot maps (N, S/stride, S/stride) and to the beam-centred
