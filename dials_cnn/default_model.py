@@ -110,8 +110,10 @@ def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=
     from dials_cnn.training import DataSet
 
     if cache:
+        from dials_cnn.spot_targets import NEAR_VISIBLE_FRACTION
+
         key = json.dumps([which, seed, margin, preprocess.to_dict(), [dataclasses.astuple(s) for s in sources],
-                          map_stride])
+                          map_stride] + ([NEAR_VISIBLE_FRACTION] if map_stride else []))
         import hashlib
 
         stem = os.path.join(cache, f"{which}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")

@@ -69,6 +69,6 @@ def test_the_default_model_counts_the_visible_spots_of_unseen_stills(model):
             true.append(still.truth["n_visible_spots"])
     from scipy.stats import spearmanr
 
-    assert spearmanr(true, expected).statistic > 0.6, list(zip(true, np.round(expected, 1)))  # measured 0.78
+    assert spearmanr(true, expected).statistic > 0.6, list(zip(true, np.round(expected, 1)))  # measured 0.77
     empty = [e for e, t in zip(expected, true) if t == 0]
     assert empty and np.median(empty) < 2  # no phantom spots on empty images
