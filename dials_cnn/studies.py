@@ -2,10 +2,10 @@
 many expert labels a model needs) and Table 8 (LCN versus linear contrast).
 
 Both follow the paper: the annotated images are split 50/20/30 (seeded); models are trained from
-scratch with the architecture and preprocessing of the evaluated model and a short recipe, on the first
-``n`` images of the training half (Table 7) or on all of it with LCN and with linear contrast (Table 8),
-and are all tested on the same test split. Every test image's probabilities are kept, so each number
-can be recomputed from the JSON.
+scratch with the architecture and preprocessing of the evaluated model and a short recipe, on ``n``
+images drawn at random from the training half (nested: each size holds the smaller ones; Table 7),
+or on all of it with LCN and with linear contrast (Table 8), and all are tested on the same test
+split. Every test image's probabilities are kept, so each number can be recomputed from the JSON.
 """
 
 import dataclasses
@@ -48,6 +48,8 @@ def run_studies(units, labels, model, training_sizes=(), contrast=False, recipe=
         other = "linear" if model.preprocess.contrast == "lcn" else "lcn"
         preprocesses.append(dataclasses.replace(model.preprocess, contrast=other))
     margin = recipe.max_shift
+    # nested training sets (each size holds the smaller ones), drawn at random from the training half
+    order = np.random.default_rng(seed).permutation(train_idx)
     for preprocess in preprocesses:
         log(f"Studies: preprocessing {len(units)} images ({preprocess.pipeline}, contrast {preprocess.contrast})")
         inputs, errors = read_inputs(units, preprocess, margin=margin, nproc=nproc)
@@ -58,7 +60,7 @@ def run_studies(units, labels, model, training_sizes=(), contrast=False, recipe=
         if contrast:
             runs.append(("contrast", len(train_idx)))
         for study, n in runs:
-            chosen = train_idx[:n]
+            chosen = order[:n]
             if len(np.unique(label_index[chosen])) < 2:
                 log(f"  {study} n={n}: one class only in its training images; not trained")
                 continue
