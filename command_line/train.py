@@ -61,7 +61,7 @@ preprocess {
     .type = choice
     .help = "ke2018: whole image resized to image_size, LCN, crop around the beam;"
             "native: LCN at full resolution around the beam, then bin x bin max-binning;"
-            "block: the same with windows aligned to bin x bin blocks (about twice as fast);"
+            "block: the same with windows aligned to bin x bin blocks (about 3x as fast);"
             "binned: bin x bin photon sums around the beam, then LCN."
   image_size = 960
     .type = int(value_min=8)

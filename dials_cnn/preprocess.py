@@ -10,7 +10,7 @@ paper cut the centre; the beam is the physically meaningful centre and they coin
 at native resolution, then binned ``bin`` x ``bin`` by MAX pooling. At the paper's 960 scale a one-pixel
 CSPAD spot is averaged with its dark neighbours and fades; max-binning after LCN keeps its contrast.
 
-``block`` (the same as ``native`` with block-aligned windows, ~2x cheaper): LCN of the native pixels
+``block`` (the same as ``native`` with block-aligned windows, ~3x cheaper): LCN of the native pixels
 with windows of ``lcn_window`` pixels aligned to ``bin`` x ``bin`` blocks, then max-binning, computed
 from block sums (:func:`~dials_cnn.lcn.block_lcn_max`): a one-pixel spot keeps its full contrast.
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dials_cnn.lcn import block_lcn_max, lcn_torch, zscore
+from dials_cnn.lcn import block_lcn_max, block_reduce, lcn_torch, zscore
 
 PREPROCESS_VERSION = 1
 PIPELINES = ("ke2018", "native", "block", "binned")
@@ -110,28 +110,13 @@ def _square_around(centre_xy, size):
 
 
 def max_bin(image, factor):
-    """``factor`` x ``factor`` max-binning of a 2-D tensor whose sides are multiples of ``factor``
-    (an elementwise maximum of strided views: several times faster than ``max_pool2d`` on CPU)."""
-    if factor == 1:
-        return image
-    out = image[0::factor, 0::factor].clone()
-    for dy in range(factor):
-        for dx in range(factor):
-            if dy or dx:
-                torch.maximum(out, image[dy::factor, dx::factor], out=out)
-    return out
+    """``factor`` x ``factor`` max-binning of a 2-D tensor whose sides are multiples of ``factor``."""
+    return block_reduce(image, factor, torch.maximum)
 
 
 def sum_bin(image, factor):
     """``factor`` x ``factor`` summing of a 2-D tensor whose sides are multiples of ``factor``."""
-    if factor == 1:
-        return image
-    out = image[0::factor, 0::factor].clone()
-    for dy in range(factor):
-        for dx in range(factor):
-            if dy or dx:
-                out += image[dy::factor, dx::factor]
-    return out
+    return block_reduce(image, factor, torch.add)
 
 
 def input_side(params, margin=0):
