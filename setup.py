@@ -38,9 +38,10 @@ setup(
         "dials_cnn.command_line": "command_line",
     },
     package_data={"dials_cnn": ["data/*.pt", "data/*.json"]},
-    # h5py comes from Debian (registered as h5py._debian_h5py_serial), so it is not declared here:
-    # pkg_resources would otherwise refuse to load our dxtbx.format entry points.
-    install_requires=["numpy", "torch>=2.0"],
+    # No install_requires: the DIALS environment provides numpy and h5py (Debian's h5py is registered
+    # as h5py._debian_h5py_serial, which pkg_resources would refuse), and tools/ensure_env.sh installs
+    # torch. dxtbx loads a Format entry point with require=True several times per still, and resolving
+    # torch's dependency tree each time cost ~0.7 ms a load: ~3 s to open a 500-still experiment list.
     entry_points={
         "console_scripts": [
             f"{name} = dials_cnn.command_line.{module}:run" for name, module in COMMANDS.items()

@@ -122,3 +122,18 @@ def test_sniff_version_is_silent_on_other_files(tmp_path):
     with h5py.File(tmp_path / "other.h5", "w") as h5:
         h5["metadata/idh5_version"] = 3
     assert layouts.sniff_version(tmp_path / "other.h5") is None
+
+
+def test_understands_follows_a_file_that_changes(tmp_path):
+    """The Format classes' answer is kept per file state: a file rewritten in place (live mode) is
+    judged again, as what it is now."""
+    path = tmp_path / "run.h5"
+    path.write_bytes(b"not yet HDF5")
+    assert not layouts.understands(path, layouts.BINNED_RAYONIX_VERSION)
+    with layouts.open_writer("rayonix_binned", path, image_shape=(6, 6), beam_center_mm=(0.3, 0.3),
+                             hole_radius_px=1, min_trusted_value=0, saturated_value=9) as writer:
+        writer.append(np.zeros((6, 6), dtype=np.int32), 50, 1.0)
+    assert layouts.understands(path, layouts.BINNED_RAYONIX_VERSION)
+    assert not layouts.understands(path, layouts.IDH5_VERSION)
+    os.remove(path)
+    assert not layouts.understands(path, layouts.BINNED_RAYONIX_VERSION)
