@@ -66,8 +66,8 @@ def default_preprocess():
 def default_sources(scale=1.0):
     """The training mix. Randomised shots are half the data: the model must hold on detectors and
     samples it never saw, so diversity matters more than any one preset."""
-    sources = [Source(name, False, int(420 * scale), int(160 * scale)) for name in PRESET_NAMES]
-    sources += [Source(name, True, int(450 * scale), int(60 * scale)) for name in PRESET_NAMES]
+    sources = [Source(name, False, int(630 * scale), int(240 * scale)) for name in PRESET_NAMES]
+    sources += [Source(name, True, int(675 * scale), int(90 * scale)) for name in PRESET_NAMES]
     return sources
 
 
@@ -110,10 +110,10 @@ def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=
     from dials_cnn.training import DataSet
 
     if cache:
-        from dials_cnn.spot_targets import NEAR_VISIBLE_FRACTION
+        from dials_cnn.spot_targets import TARGET_VERSION
 
         key = json.dumps([which, seed, margin, preprocess.to_dict(), [dataclasses.astuple(s) for s in sources],
-                          map_stride] + ([NEAR_VISIBLE_FRACTION] if map_stride else []))
+                          map_stride] + ([TARGET_VERSION] if map_stride else []))
         import hashlib
 
         stem = os.path.join(cache, f"{which}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
@@ -186,7 +186,7 @@ def format_metrics(table):
     return "\n".join(lines)
 
 
-def build(output=DEFAULT_MODEL_PATH, architecture="spotcount", scale=1.0, epochs=36, batches_per_epoch=60,
+def build(output=DEFAULT_MODEL_PATH, architecture="spotcount", scale=1.0, epochs=48, batches_per_epoch=60,
           batch_size=32, seed=2018, nproc=2, margin=32, preprocess=None, cache=None, log=print):
     """Simulate, train and test the default model; write it to ``output`` with its metrics."""
     import torch
@@ -249,7 +249,7 @@ def main(argv=None):
     parser.add_argument("--output", default=DEFAULT_MODEL_PATH)
     parser.add_argument("--architecture", default="spotcount")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of simulated stills")
-    parser.add_argument("--epochs", type=int, default=36)
+    parser.add_argument("--epochs", type=int, default=48)
     parser.add_argument("--batches-per-epoch", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=2018)

@@ -7,20 +7,21 @@ bright spot over its local background) rather than to whatever else separates on
 from its misses.
 
 The map has one cell per ``stride`` x ``stride`` input pixels of :func:`dials_cnn.preprocess.prepare`
-(margin included). Cell values: ``SPOT`` where a visible spot's centre falls, ``IGNORE`` where a
-reflection lies that carries light but is just below the visibility criterion (neither answer is
-wrong there), else ``BACKGROUND``.
+(margin included). Cell values: ``SPOT`` where a visible spot's centre falls, else ``BACKGROUND``,
+also where a reflection lies just below the visibility criterion. There is no "don't care" band around
+the criterion: with hard labels the network's cell probabilities are calibrated, so their sum is an
+unbiased count. An ignore band for reflections at 0.8-1.0 of the photons they need let the network count
+them half: LN84 misses with 2-3 visible spots came out at 3.5-4.0 spots, with hard labels at 2.5-3.0
+(docs/classifier.md).
 """
 
 import numpy as np
 
 from dials_cnn.preprocess import input_region
 
-BACKGROUND, SPOT, IGNORE = 0, 1, 255
-#: reflections with at least this fraction of the photons they need to be visible are not background.
-#: 0.5 left the network free to count the many faint reflections of large cells (LN84 misses with 2
-#: visible spots counted as 4.6-8.2; with 0.8: 2.8-6.1, docs/classifier.md).
-NEAR_VISIBLE_FRACTION = 0.8
+BACKGROUND, SPOT = 0, 1
+#: changes whenever the meaning of the maps changes, so that cached training data is not reused across it
+TARGET_VERSION = 2
 
 
 def native_pixels_per_input_pixel(params):
@@ -43,10 +44,6 @@ def spot_target_map(spots, beam_centre_px, params, margin, stride):
     column = np.floor((x - left) / scale).astype(np.int64)
     row = np.floor((y - top) / scale).astype(np.int64)
     inside = (column >= 0) & (column < cells) & (row >= 0) & (row < cells)
-    visible = np.asarray(spots["visible"], dtype=bool)
-    near = np.asarray(spots["photons"]) >= NEAR_VISIBLE_FRACTION * np.asarray(spots["visibility_threshold"])
-    ignored = inside & near & ~visible
-    target[row[ignored], column[ignored]] = IGNORE
-    chosen = inside & visible
-    target[row[chosen], column[chosen]] = SPOT  # a visible spot wins over a faint neighbour in its cell
+    chosen = inside & np.asarray(spots["visible"], dtype=bool)
+    target[row[chosen], column[chosen]] = SPOT
     return target

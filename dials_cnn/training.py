@@ -24,7 +24,7 @@ from dials_cnn.augment import GeometricAugment, centre_crops
 from dials_cnn.decision import hit_decisions
 from dials_cnn.fileio import atomic_path
 from dials_cnn.model import CLASS_NAMES, ScreeningModel, build_network, check_input_size, save_model
-from dials_cnn.spot_targets import IGNORE, SPOT
+from dials_cnn.spot_targets import SPOT
 
 logger = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def train(train_set, val_set, architecture="ke2018", architecture_kwargs=None, p
                     torch.from_numpy(crops)[:, None], torch.from_numpy(windows)[:, None])
                 maps = torch.from_numpy(maps)[:, None]
                 spot_loss = F.binary_cross_entropy_with_logits(
-                    spot_logits, (maps == SPOT).float(), weight=(maps != IGNORE).float(), reduction="sum")
+                    spot_logits, (maps == SPOT).float(), reduction="sum")
                 loss = F.nll_loss(output_log, target) + recipe.spot_weight * spot_loss / len(indices)
             else:
                 batch = torch.from_numpy(augment.crops(train_set.inputs, indices, preprocess.crop, rng))[:, None]

@@ -7,7 +7,7 @@ from dials_cnn.augment import GeometricAugment
 from dials_cnn.preprocess import KE2018, PreprocessParams, prepare
 from dials_cnn.projection import flat_from_array
 from dials_cnn.simulate import simulate_image
-from dials_cnn.spot_targets import BACKGROUND, IGNORE, SPOT, spot_target_map
+from dials_cnn.spot_targets import BACKGROUND, SPOT, spot_target_map
 
 PARAMS = PreprocessParams(pipeline="native", crop=256, bin=2, lcn_window=21)
 MARGIN, STRIDE = 16, 8
@@ -26,7 +26,7 @@ def test_the_map_marks_every_visible_spot_of_a_simulated_still(hit_still):
     target = spot_target_map(hit_still.spots, hit_still.beam_centre_px, PARAMS, MARGIN, STRIDE)
     side = (PARAMS.crop + 2 * MARGIN) // STRIDE
     assert target.shape == (side, side) and target.dtype == np.uint8
-    assert set(np.unique(target)) <= {BACKGROUND, SPOT, IGNORE}
+    assert set(np.unique(target)) <= {BACKGROUND, SPOT}
     cell = STRIDE * PARAMS.bin  # native pixels per cell
     cx, cy = hit_still.beam_centre_px
     half = (PARAMS.crop + 2 * MARGIN) * PARAMS.bin / 2
