@@ -16,6 +16,7 @@ from dials_cnn.command_line import modified_parameters
 from dials_cnn.classify import DeviceError, classify_units, classify_units_mpi, image_units, resolve_device
 from dials_cnn.command_line.train import match_annotations
 from dials_cnn.evaluation import binary_agreement, format_three_class, three_class_confusion
+from dials_cnn.hot_pixels import find_hot_pixels
 from dials_cnn.live import LiveClassifier
 from dials_cnn.model import CLASS_NAMES, ModelError, load_model
 from dials_cnn.output import write_csv, write_hits, write_json
@@ -91,6 +92,19 @@ live {
   stop_after_idle = None
     .type = float(value_min=0)
     .help = "Stop after this many seconds without new images (default: run until Ctrl-C)."
+}
+hot_pixels {
+  find = True
+    .type = bool
+    .help = "Mask pixels that are among the brightest of nearly every image (hot, stuck or unmasked"
+            "warm pixels), found from the run itself before classifying: the network would count each"
+            "as a one-pixel spot. Not in live mode (watch=)."
+  sample = 20
+    .type = int(value_min=10)
+    .help = "Images, spread over the run, on which hot pixels are looked for (per detector)."
+  min_fraction = 0.5
+    .type = float(value_min=0.05, value_max=1)
+    .help = "A pixel is hot if it is among the brightest 0.2 % in at least this fraction of them."
 }
 batch_size = 16
   .type = int(value_min=1)
@@ -280,9 +294,16 @@ def run(args=None):
         if done == total or done % 500 == 0:
             logger.info("Classified %d / %d images%s", done, total, f" (rank {rank})" if comm is not None else "")
 
-    classify_options = dict(threshold=params.threshold, batch_size=params.batch_size, nproc=params.nproc,
-                            progress=progress, device=device)
     started = time.perf_counter()
+    hot, reports = None, []
+    if params.hot_pixels.find:
+        # every rank finds the same mask from the same sampled images: MPI outputs stay identical
+        hot, reports = find_hot_pixels(units, params.hot_pixels.sample, min_fraction=params.hot_pixels.min_fraction)
+        if rank == 0:
+            for line in reports:
+                logger.info(line)
+    classify_options = dict(threshold=params.threshold, batch_size=params.batch_size, nproc=params.nproc,
+                            progress=progress, device=device, hot_pixels=hot)
     if comm is not None:
         if rank == 0:
             logger.info("MPI: %d ranks, each classifies a block of the %d images", comm.Get_size(), len(units))
@@ -299,7 +320,9 @@ def run(args=None):
     # the JSON records the time of the other outputs and of everything before (end to end)
     classification.seconds["output"] = time.perf_counter() - t
     classification.seconds["total"] = time.perf_counter() - started
-    write_json(out(params.output.json), classification, model_info, expert, agreement)
+    hot_summary = {"masked": int(sum(h.sum() for panels in (hot or {}).values() for h in panels)),
+                   "reports": reports} if params.hot_pixels.find else None
+    write_json(out(params.output.json), classification, model_info, expert, agreement, hot_pixels=hot_summary)
 
     log_summary(classification, params.threshold)
     log_timing(classification)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dials_cnn.decision import argmax_classes, hit_decisions
+from dials_cnn.hot_pixels import detector_key, masked_with_hot_pixels
 from dials_cnn.model import CLASS_NAMES
 from dials_cnn.preprocess import input_region, prepare
 from dials_cnn.projection import projection_for, read_panels, static_mask
@@ -201,20 +202,24 @@ def close_readers(cache):
             del cache[key]
 
 
-def _read_and_prepare(unit, params, masks, margin=0, seconds=None, crop_only=True):
+def _read_and_prepare(unit, params, masks, margin=0, seconds=None, crop_only=True, hot=None):
     """The network input of one unit, or the error message why there is none.
 
     ``masks``: this process's cache (static masks, open files). ``seconds`` (a dict) accumulates
     the time spent reading, flattening and preprocessing. ``crop_only``: read and flatten only the
-    square the preprocessing uses (identical pixels, less work).
+    square the preprocessing uses (identical pixels, less work). ``hot``: hot pixels to mask as well
+    (:func:`dials_cnn.hot_pixels.find_hot_pixels`).
     """
     seconds = {} if seconds is None else seconds
     try:
         t0 = time.perf_counter()
         key = id(unit.imageset)
+        detector = unit.imageset.get_detector(unit.position)
         if key not in masks:
             masks[key] = static_mask(unit.imageset)
-        detector = unit.imageset.get_detector(unit.position)
+            if hot:
+                masks[key] = masked_with_hot_pixels(masks[key], hot.get(detector_key(detector)),
+                                                    [panel.get_image_size()[::-1] for panel in detector])
         beam = unit.imageset.get_beam(unit.position)
         projection = projection_for(detector, beam)
         region = input_region(params, projection.beam_centre_px, margin) if crop_only else None
@@ -252,27 +257,28 @@ def _worker_start():
 def _worker_prepare(position):
     seconds = {}
     array, error = _read_and_prepare(_WORKER["units"][position], _WORKER["params"], _WORKER["masks"],
-                                     _WORKER["margin"], seconds, _WORKER["crop_only"])
+                                     _WORKER["margin"], seconds, _WORKER["crop_only"], _WORKER["hot"])
     return position, array, error, seconds
 
 
-def prepared_inputs(units, params, nproc=1, margin=0, crop_only=True, with_seconds=False):
+def prepared_inputs(units, params, nproc=1, margin=0, crop_only=True, with_seconds=False, hot=None):
     """Yield (position, input array or None, error or None) for ``units``, in input order.
 
     ``nproc`` > 1: worker processes read and preprocess ahead while the caller runs the network.
-    ``with_seconds``: each item also carries the {stage: seconds} spent on it.
+    ``with_seconds``: each item also carries the {stage: seconds} spent on it. ``hot``: hot pixels
+    to mask (:func:`dials_cnn.hot_pixels.find_hot_pixels`).
     """
     if nproc <= 1 or len(units) < 2:
         cache = {}
         try:
             for position, unit in enumerate(units):
                 seconds = {}
-                array, error = _read_and_prepare(unit, params, cache, margin, seconds, crop_only)
+                array, error = _read_and_prepare(unit, params, cache, margin, seconds, crop_only, hot)
                 yield (position, array, error, seconds) if with_seconds else (position, array, error)
         finally:
             close_readers(cache)  # a file may be rewritten later (live mode): never keep it open
         return
-    _WORKER.update(units=units, params=params, masks={}, margin=margin, crop_only=crop_only)
+    _WORKER.update(units=units, params=params, masks={}, margin=margin, crop_only=crop_only, hot=hot)
     context = multiprocessing.get_context("fork")
     try:
         with context.Pool(nproc, initializer=_worker_start) as pool:
@@ -283,12 +289,13 @@ def prepared_inputs(units, params, nproc=1, margin=0, crop_only=True, with_secon
 
 
 def classify_units(units, model, threshold=0.5, batch_size=16, nproc=1, progress=None, device="cpu",
-                   optimise=True, network=None):
+                   optimise=True, network=None, hot_pixels=None):
     """Classify ``units`` (from :func:`image_units`) with a :class:`~dials_cnn.model.ScreeningModel`.
 
     ``optimise=False`` is the straightforward path (whole flat image, plain network), kept to check
     that the fast path gives the same predictions. ``network``: the model's network already made by
     :func:`inference_network` for ``device`` (callers classifying many small batches reuse it).
+    ``hot_pixels``: pixels to mask as well (:func:`dials_cnn.hot_pixels.find_hot_pixels`).
     """
     keep_freed_memory()
     device = resolve_device(device) if isinstance(device, str) else device
@@ -331,7 +338,7 @@ def classify_units(units, model, threshold=0.5, batch_size=16, nproc=1, progress
         batch_positions.clear()
 
     t = time.perf_counter()
-    inputs = prepared_inputs(units, params, nproc, crop_only=optimise, with_seconds=True)
+    inputs = prepared_inputs(units, params, nproc, crop_only=optimise, with_seconds=True, hot=hot_pixels)
     for done, (position, array, error, stage_seconds) in enumerate(inputs, start=1):
         for stage, value in stage_seconds.items():
             seconds[stage] += value
@@ -365,7 +372,7 @@ def rank_block(n_units, rank, size):
 
 
 def classify_units_mpi(units, model, comm, threshold=0.5, batch_size=16, nproc=1, progress=None, device="cpu",
-                       optimise=True):
+                       optimise=True, hot_pixels=None):
     """:func:`classify_units` across the ranks of an MPI communicator (cctbx.xfel style).
 
     Every rank classifies a contiguous block of ``units`` (consecutive images of a file stay on one
@@ -375,7 +382,8 @@ def classify_units_mpi(units, model, comm, threshold=0.5, batch_size=16, nproc=1
     rank, size = comm.Get_rank(), comm.Get_size()
     start, stop = rank_block(len(units), rank, size)
     started = time.perf_counter()
-    part = classify_units(units[start:stop], model, threshold, batch_size, nproc, progress, device, optimise)
+    part = classify_units(units[start:stop], model, threshold, batch_size, nproc, progress, device, optimise,
+                          hot_pixels=hot_pixels)
     part.seconds["total"] = time.perf_counter() - started
     gathered = comm.gather((part.records, part.seconds), root=0)
     if rank != 0:

@@ -53,8 +53,10 @@ def csv_columns(expert=None):
     return CSV_COLUMNS + (("expert",) if expert else ())
 
 
-def write_json(path, classification, model_info=None, expert=None, agreement=None, live=None):
+def write_json(path, classification, model_info=None, expert=None, agreement=None, live=None, hot_pixels=None):
     document = {"summary": classification.summary(), "model": model_info or {}}
+    if hot_pixels is not None:
+        document["hot_pixels"] = hot_pixels
     if agreement is not None:
         document["agreement"] = agreement
     if live is not None:

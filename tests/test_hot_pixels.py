@@ -1,0 +1,96 @@
+"""Hot pixels: found from the run, masked before classification, so that blanks stay misses."""
+
+import numpy as np
+import pytest
+from dxtbx.model.experiment_list import ExperimentListFactory
+
+from dials_cnn import layouts, presets, simulate
+from dials_cnn.classify import classify_units, image_units
+from dials_cnn.command_line.classify import default_model_path
+from dials_cnn.hot_pixels import find_hot_pixels, spread_sample
+from dials_cnn.model import load_model
+
+N_IMAGES, N_HOT = 12, 8
+
+
+@pytest.fixture(scope="module")
+def run_with_hot_pixels(tmp_path_factory):
+    """12 simulated LO19 stills with the same 8 hot pixels in the expert's window of every one, each 3x
+    the first still's 99.99th percentile (warm enough to pass for spots; a saturated one would instead
+    inflate the global z-score of LCN and dim real spots)."""
+    preset = presets.get_preset("LO19")
+    frame = simulate.detector_frame(preset.family)
+    stills = [simulate.simulate_image(preset, 5, index) for index in range(N_IMAGES)]
+    cx, cy = (int(round(v)) for v in stills[0].beam_centre_px)
+    rng = np.random.default_rng(3)
+    hot = []
+    while len(hot) < N_HOT:  # trusted pixels well inside the window, away from the beam stop
+        y, x = int(rng.integers(cy - 300, cy - 40)), int(rng.integers(cx - 400, cx + 400))
+        if stills[0].mask[y, x]:
+            hot.append((y, x))
+    level = 3 * int(np.percentile(stills[0].image[stills[0].mask], 99.99))
+    path = tmp_path_factory.mktemp("hot") / "hot.h5"
+    with layouts.Idh5Writer(path, image_shape=stills[0].image.shape, pixel_size_mm=frame.pixel_size_mm,
+                            beam_center_mm=(cx * frame.pixel_size_mm, cy * frame.pixel_size_mm),
+                            min_trusted_value=preset.min_trusted_value, saturated_value=preset.saturated_value,
+                            chunk_size=4) as writer:
+        for still in stills:
+            image = still.image.copy()
+            for y, x in hot:
+                image[y, x] = level
+            writer.append(image, still.distance_mm, still.wavelength_A)
+    experiments = ExperimentListFactory.from_filenames([str(path)])
+    return experiments, hot, [still.truth for still in stills]
+
+
+def test_the_hot_pixels_of_a_run_are_found_and_nothing_else(run_with_hot_pixels):
+    experiments, hot, _ = run_with_hot_pixels
+    masks, reports = find_hot_pixels(image_units(experiments))
+    assert len(masks) == 1 and len(reports) == 1 and "8 masked" in reports[0]
+    (panel,) = next(iter(masks.values()))
+    assert sorted(zip(*np.nonzero(panel))) == sorted(hot)
+
+
+def test_masked_hot_pixels_keep_blanks_misses(run_with_hot_pixels):
+    experiments, _, truths = run_with_hot_pixels
+    units = image_units(experiments)
+    model = load_model(default_model_path())
+    blanks = [k for k, truth in enumerate(truths) if truth["n_visible_spots"] == 0]
+    assert len(blanks) >= 3
+    masks, _ = find_hot_pixels(units)
+    plain = classify_units(units, model)
+    masked = classify_units(units, model, hot_pixels=masks)
+    # each hot pixel counts as a spot for the network: unmasked, 8 of them make every blank a hit
+    assert all(plain.records[k].decision == "Hit" for k in blanks)
+    assert all(masked.records[k].decision == "Miss" for k in blanks)
+    assert all(masked.records[k].decision == "Hit" for k, truth in enumerate(truths) if truth["label"] == "HIT")
+
+
+def test_too_few_images_mask_nothing(run_with_hot_pixels):
+    experiments, _, _ = run_with_hot_pixels
+    masks, reports = find_hot_pixels(image_units(experiments)[:5])
+    assert masks == {} and "fewer than 10" in reports[0]
+
+
+def test_the_sample_spreads_over_the_run():
+    assert spread_sample(5, 40) == [0, 1, 2, 3, 4]
+    sample = spread_sample(1000, 40)
+    assert len(sample) == 40 and sample[0] == 0 and sample[-1] == 999
+
+
+def test_dials_cnn_classify_masks_them_and_says_so(run_with_hot_pixels, tmp_path, monkeypatch):
+    import json
+
+    from dials_cnn.command_line import classify as command
+
+    experiments, _, truths = run_with_hot_pixels
+    experiments.as_file(str(tmp_path / "imported.expt"))
+    monkeypatch.chdir(tmp_path)
+    for find, directory in (("True", "on"), ("False", "off")):
+        command.run(["imported.expt", f"hot_pixels.find={find}", f"output.directory={directory}"])
+    on = json.loads((tmp_path / "on" / "cnn_classification.json").read_text())
+    off = json.loads((tmp_path / "off" / "cnn_classification.json").read_text())
+    assert on["hot_pixels"]["masked"] == N_HOT and "8 masked" in on["hot_pixels"]["reports"][0]
+    assert "hot_pixels" not in off
+    truth_hits = sum(truth["n_visible_spots"] >= 4 for truth in truths)
+    assert on["summary"]["hits"] == truth_hits < off["summary"]["hits"] == N_IMAGES
