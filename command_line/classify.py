@@ -13,10 +13,11 @@ from dials.util.version import dials_version
 
 import dials_cnn
 from dials_cnn.command_line import modified_parameters
-from dials_cnn.classify import DeviceError, classify_units, classify_units_mpi, image_units, resolve_device
+from dials_cnn.classify import (
+    DeviceError, classify_units, classify_units_mpi, find_run_hot_pixels, image_units, resolve_device,
+)
 from dials_cnn.command_line.train import match_annotations
 from dials_cnn.evaluation import binary_agreement, format_three_class, three_class_confusion
-from dials_cnn.hot_pixels import find_hot_pixels
 from dials_cnn.live import LiveClassifier
 from dials_cnn.model import CLASS_NAMES, ModelError, load_model
 from dials_cnn.output import write_csv, write_hits, write_json
@@ -298,7 +299,8 @@ def run(args=None):
     hot, reports = None, []
     if params.hot_pixels.find:
         # every rank finds the same mask from the same sampled images: MPI outputs stay identical
-        hot, reports = find_hot_pixels(units, params.hot_pixels.sample, min_fraction=params.hot_pixels.min_fraction)
+        hot, reports = find_run_hot_pixels(units, model.preprocess, params.hot_pixels.sample,
+                                           params.hot_pixels.min_fraction)
         if rank == 0:
             for line in reports:
                 logger.info(line)
@@ -320,7 +322,7 @@ def run(args=None):
     # the JSON records the time of the other outputs and of everything before (end to end)
     classification.seconds["output"] = time.perf_counter() - t
     classification.seconds["total"] = time.perf_counter() - started
-    hot_summary = {"masked": int(sum(h.sum() for panels in (hot or {}).values() for h in panels)),
+    hot_summary = {"masked": int(sum(mask.sum() for mask in (hot or {}).values())),
                    "reports": reports} if params.hot_pixels.find else None
     write_json(out(params.output.json), classification, model_info, expert, agreement, hot_pixels=hot_summary)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dials_cnn.decision import argmax_classes, hit_decisions
-from dials_cnn.hot_pixels import detector_key, masked_with_hot_pixels
+from dials_cnn.hot_pixels import detector_key, find_hot_pixels, mask_hot_pixels
 from dials_cnn.model import CLASS_NAMES
 from dials_cnn.preprocess import input_region, prepare
 from dials_cnn.projection import projection_for, read_panels, static_mask
@@ -202,46 +202,68 @@ def close_readers(cache):
             del cache[key]
 
 
+def read_flat(unit, params, masks, margin=0, crop_only=True, seconds=None):
+    """The flat image of one unit as the classification sees it, where it lies on the flat grid
+    (y0, y1, x0, x1), and the grid's shape.
+
+    ``masks``: this process's cache (static masks, open files). ``crop_only``: read and flatten only
+    the square the preprocessing uses (identical pixels, less work). ``seconds`` (a dict) accumulates
+    the time spent reading and flattening.
+    """
+    t0 = time.perf_counter()
+    key = id(unit.imageset)
+    if key not in masks:
+        masks[key] = static_mask(unit.imageset)
+    detector = unit.imageset.get_detector(unit.position)
+    beam = unit.imageset.get_beam(unit.position)
+    projection = projection_for(detector, beam)
+    region = input_region(params, projection.beam_centre_px, margin) if crop_only else None
+    reader = _cut_reader(unit, masks) if region is not None and projection.source_index is None else None
+    if reader is not None:
+        y0, y1, x0, x1 = projection.clip_region(region)
+        cut = reader.read(unit.file_index, y0, y1, x0, x1)
+        t1 = time.perf_counter()
+        flat = projection.flatten_cut(cut, masks[key], region)
+    else:
+        panels = read_panels(unit.imageset, unit.position)
+        t1 = time.perf_counter()
+        flat = projection.flatten(panels, masks[key], region)
+    place = projection.clip_region(region) if region is not None else (0, projection.shape[0], 0, projection.shape[1])
+    if seconds is not None:
+        for stage, value in (("read", t1 - t0), ("projection", time.perf_counter() - t1)):
+            seconds[stage] = seconds.get(stage, 0.0) + value
+    return flat, place, projection.shape
+
+
 def _read_and_prepare(unit, params, masks, margin=0, seconds=None, crop_only=True, hot=None):
     """The network input of one unit, or the error message why there is none.
 
-    ``masks``: this process's cache (static masks, open files). ``seconds`` (a dict) accumulates
-    the time spent reading, flattening and preprocessing. ``crop_only``: read and flatten only the
-    square the preprocessing uses (identical pixels, less work). ``hot``: hot pixels to mask as well
-    (:func:`dials_cnn.hot_pixels.find_hot_pixels`).
+    ``masks``, ``crop_only``, ``seconds``: see :func:`read_flat` (``seconds`` also gets the time spent
+    preprocessing). ``hot``: hot pixels to mask as well (:func:`find_run_hot_pixels`).
     """
     seconds = {} if seconds is None else seconds
     try:
-        t0 = time.perf_counter()
-        key = id(unit.imageset)
-        detector = unit.imageset.get_detector(unit.position)
-        if key not in masks:
-            masks[key] = static_mask(unit.imageset)
-            if hot:
-                masks[key] = masked_with_hot_pixels(masks[key], hot.get(detector_key(detector)),
-                                                    [panel.get_image_size()[::-1] for panel in detector])
-        beam = unit.imageset.get_beam(unit.position)
-        projection = projection_for(detector, beam)
-        region = input_region(params, projection.beam_centre_px, margin) if crop_only else None
-        reader = _cut_reader(unit, masks) if region is not None and projection.source_index is None else None
-        if reader is not None:
-            y0, y1, x0, x1 = projection.clip_region(region)
-            cut = reader.read(unit.file_index, y0, y1, x0, x1)
-            t1 = time.perf_counter()
-            flat = projection.flatten_cut(cut, masks[key], region)
-        else:
-            panels = read_panels(unit.imageset, unit.position)
-            t1 = time.perf_counter()
-            flat = projection.flatten(panels, masks[key], region)
+        flat, place, _ = read_flat(unit, params, masks, margin, crop_only, seconds)
+        if hot:
+            mask_hot_pixels(flat, hot.get(detector_key(unit.imageset.get_detector(unit.position))), place)
         t2 = time.perf_counter()
         array = prepare(flat, params, margin=margin)
-        t3 = time.perf_counter()
-        for stage, value in (("read", t1 - t0), ("projection", t2 - t1), ("preprocess", t3 - t2)):
-            seconds[stage] = seconds.get(stage, 0.0) + value
+        seconds["preprocess"] = seconds.get("preprocess", 0.0) + time.perf_counter() - t2
         return array, None
     except Exception as error:  # any unreadable image is reported, never fatal
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return None, f"{type(error).__name__}: {message}"
+
+
+def find_run_hot_pixels(units, params, sample=20, min_fraction=0.5, crop_only=True):
+    """:func:`dials_cnn.hot_pixels.find_hot_pixels` on the part of each image that preprocessing
+    ``params`` uses, read the way the classification reads it."""
+    cache = {}
+    try:
+        return find_hot_pixels(units, lambda unit: read_flat(unit, params, cache, crop_only=crop_only),
+                               sample, min_fraction=min_fraction)
+    finally:
+        close_readers(cache)
 
 
 # Worker state for nproc > 1 (fork: the units list is inherited, never pickled).
@@ -266,7 +288,7 @@ def prepared_inputs(units, params, nproc=1, margin=0, crop_only=True, with_secon
 
     ``nproc`` > 1: worker processes read and preprocess ahead while the caller runs the network.
     ``with_seconds``: each item also carries the {stage: seconds} spent on it. ``hot``: hot pixels
-    to mask (:func:`dials_cnn.hot_pixels.find_hot_pixels`).
+    to mask (:func:`find_run_hot_pixels`).
     """
     if nproc <= 1 or len(units) < 2:
         cache = {}
@@ -295,7 +317,7 @@ def classify_units(units, model, threshold=0.5, batch_size=16, nproc=1, progress
     ``optimise=False`` is the straightforward path (whole flat image, plain network), kept to check
     that the fast path gives the same predictions. ``network``: the model's network already made by
     :func:`inference_network` for ``device`` (callers classifying many small batches reuse it).
-    ``hot_pixels``: pixels to mask as well (:func:`dials_cnn.hot_pixels.find_hot_pixels`).
+    ``hot_pixels``: pixels to mask as well (:func:`find_run_hot_pixels`).
     """
     keep_freed_memory()
     device = resolve_device(device) if isinstance(device, str) else device

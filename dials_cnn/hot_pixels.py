@@ -18,7 +18,6 @@ import math
 
 import numpy as np
 
-from dials_cnn.projection import read_panels, static_mask
 
 logger = logging.getLogger(__name__)
 
@@ -57,30 +56,26 @@ def excess_over_neighbours(values, ok):
     return v
 
 
-def bright_pixels(panels, detector, mask, top_fraction):
-    """Per-panel bool arrays: the trusted pixels whose excess over their neighbours is above the
-    image's (1 - top_fraction) quantile."""
-    excesses = []
-    for k, (values, panel) in enumerate(zip(panels, detector)):
-        low, _ = panel.get_trusted_range()
-        ok = values > low
-        if mask is not None:
-            ok &= mask[k]
-        excesses.append(excess_over_neighbours(values, ok))
+def bright_pixels(flat, top_fraction):
+    """Bool array: the valid pixels of a :class:`~dials_cnn.projection.FlatImage` whose excess over
+    their neighbours is above the image's (1 - top_fraction) quantile."""
+    excess = excess_over_neighbours(flat.data, flat.mask)
     # the quantile from every 7th pixel: the same threshold to a few per cent, 7x less sorting
-    pooled = np.concatenate([e.ravel()[::7] for e in excesses])
+    pooled = excess.ravel()[::7]
     pooled = pooled[np.isfinite(pooled)]
     if pooled.size == 0:
-        return [np.zeros(values.shape, bool) for values in panels]
+        return np.zeros(excess.shape, bool)
     rank = max(0, pooled.size - max(1, int(pooled.size * top_fraction)))
-    threshold = np.partition(pooled, rank)[rank]
-    return [e > threshold for e in excesses]
+    return excess > np.partition(pooled, rank)[rank]
 
 
-def find_hot_pixels(units, sample=20, top_fraction=0.002, min_fraction=0.5):
-    """{detector key: per-panel bool arrays, True where a pixel is hot} for the units of
-    :func:`dials_cnn.classify.image_units`, and a list of one-line reports. A detector with fewer
-    than :data:`MIN_IMAGES` images, or images that cannot be read, is left as it is (reported)."""
+def find_hot_pixels(units, read_flat, sample=20, top_fraction=0.002, min_fraction=0.5):
+    """Hot pixels of the units of :func:`dials_cnn.classify.image_units`, per detector: {detector key:
+    bool array over the flat grid, True where a pixel is hot}, and a list of one-line reports.
+
+    ``read_flat(unit)`` gives (FlatImage, (y0, y1, x0, x1) of it on the flat grid, the grid's shape):
+    the part of the image the network sees, read as the classification reads it. A detector with
+    fewer than :data:`MIN_IMAGES` readable images is left as it is (reported)."""
     by_detector = {}
     for position, unit in enumerate(units):
         key = detector_key(unit.imageset.get_detector(unit.position))
@@ -93,32 +88,33 @@ def find_hot_pixels(units, sample=20, top_fraction=0.002, min_fraction=0.5):
             continue
         counts, used = None, 0
         for k in spread_sample(len(positions), sample):
-            unit = units[positions[k]]
             try:
-                panels = read_panels(unit.imageset, unit.position)
-                bright = bright_pixels(panels, unit.imageset.get_detector(unit.position),
-                                       static_mask(unit.imageset), top_fraction)
+                flat, (y0, y1, x0, x1), shape = read_flat(units[positions[k]])
+                bright = bright_pixels(flat, top_fraction)
             except Exception:  # an unreadable image is reported by the classification itself
                 continue
-            counts = [b.astype(np.int32) for b in bright] if counts is None else [c + b for c, b in zip(counts, bright)]
+            counts = np.zeros(shape, np.int32) if counts is None else counts
+            counts[y0:y1, x0:x1] += bright
             used += 1
         if used < MIN_IMAGES:
             reports.append(f"hot pixels: {name}: only {used} readable sampled image(s); none masked")
             continue
         needed = max(3, math.ceil(min_fraction * used))
-        hot = [c >= needed for c in counts]
-        n_hot = int(sum(h.sum() for h in hot))
+        hot = counts >= needed
+        n_hot = int(hot.sum())
         if n_hot:
             masks[key] = hot
-        reports.append(f"hot pixels: {name}: {n_hot} masked (among the brightest {100 * top_fraction:g} % "
-                       f"in >= {needed} of {used} sampled images)")
+        reports.append(f"hot pixels: {name}: {n_hot} masked (above their neighbours among the brightest "
+                       f"{100 * top_fraction:g} % in >= {needed} of {used} sampled images)")
     return masks, reports
 
 
-def masked_with_hot_pixels(mask, hot, shapes):
-    """A static mask (per-panel bool, True = good, or None) with ``hot`` pixels (per-panel bool) removed."""
+def mask_hot_pixels(flat, hot, place):
+    """Mask (in place) the ``hot`` pixels (bool over the flat grid) of ``flat``, which lies at ``place``
+    = (y0, y1, x0, x1) on that grid."""
     if hot is None:
-        return mask
-    if mask is None:
-        mask = [np.ones(shape, bool) for shape in shapes]
-    return [m & ~h.reshape(m.shape) for m, h in zip(mask, hot)]
+        return
+    y0, y1, x0, x1 = place
+    cut = hot[y0:y1, x0:x1]
+    flat.data[cut] = 0.0  # what the projection writes for any pixel that is not valid
+    flat.mask[cut] = False

@@ -5,9 +5,9 @@ import pytest
 from dxtbx.model.experiment_list import ExperimentListFactory
 
 from dials_cnn import layouts, presets, simulate
-from dials_cnn.classify import classify_units, image_units
+from dials_cnn.classify import classify_units, find_run_hot_pixels, image_units
 from dials_cnn.command_line.classify import default_model_path
-from dials_cnn.hot_pixels import find_hot_pixels, spread_sample
+from dials_cnn.hot_pixels import spread_sample
 from dials_cnn.model import load_model
 
 N_IMAGES, N_HOT = 12, 8
@@ -43,21 +43,25 @@ def run_with_hot_pixels(tmp_path_factory):
     return experiments, hot, [still.truth for still in stills]
 
 
-def test_the_hot_pixels_of_a_run_are_found_and_nothing_else(run_with_hot_pixels):
+@pytest.fixture(scope="module")
+def model():
+    return load_model(default_model_path())
+
+
+def test_the_hot_pixels_of_a_run_are_found_and_nothing_else(run_with_hot_pixels, model):
     experiments, hot, _ = run_with_hot_pixels
-    masks, reports = find_hot_pixels(image_units(experiments))
+    masks, reports = find_run_hot_pixels(image_units(experiments), model.preprocess)
     assert len(masks) == 1 and len(reports) == 1 and "8 masked" in reports[0]
-    (panel,) = next(iter(masks.values()))
-    assert sorted(zip(*np.nonzero(panel))) == sorted(hot)
+    (grid,) = masks.values()  # a single flat panel: the flat grid is the panel
+    assert sorted(zip(*np.nonzero(grid))) == sorted(hot)
 
 
-def test_masked_hot_pixels_keep_blanks_misses(run_with_hot_pixels):
+def test_masked_hot_pixels_keep_blanks_misses(run_with_hot_pixels, model):
     experiments, _, truths = run_with_hot_pixels
     units = image_units(experiments)
-    model = load_model(default_model_path())
     blanks = [k for k, truth in enumerate(truths) if truth["n_visible_spots"] == 0]
     assert len(blanks) >= 3
-    masks, _ = find_hot_pixels(units)
+    masks, _ = find_run_hot_pixels(units, model.preprocess)
     plain = classify_units(units, model)
     masked = classify_units(units, model, hot_pixels=masks)
     # each hot pixel counts as a spot for the network: unmasked, 8 of them make every blank a hit
@@ -66,9 +70,9 @@ def test_masked_hot_pixels_keep_blanks_misses(run_with_hot_pixels):
     assert all(masked.records[k].decision == "Hit" for k, truth in enumerate(truths) if truth["label"] == "HIT")
 
 
-def test_too_few_images_mask_nothing(run_with_hot_pixels):
+def test_too_few_images_mask_nothing(run_with_hot_pixels, model):
     experiments, _, _ = run_with_hot_pixels
-    masks, reports = find_hot_pixels(image_units(experiments)[:5])
+    masks, reports = find_run_hot_pixels(image_units(experiments)[:5], model.preprocess)
     assert masks == {} and "fewer than 10" in reports[0]
 
 
