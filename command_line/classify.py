@@ -99,7 +99,8 @@ hot_pixels {
     .type = bool
     .help = "Mask pixels that are among the brightest of nearly every image (hot, stuck or unmasked"
             "warm pixels), found from the run itself before classifying: the network would count each"
-            "as a one-pixel spot. Not in live mode (watch=)."
+            "as a one-pixel spot. In live mode (watch=): from the first chunk of images of a detector"
+            "that holds at least 10 of them."
   sample = 20
     .type = int(value_min=10)
     .help = "Images, spread over the run, on which hot pixels are looked for (per detector)."
@@ -281,10 +282,14 @@ def run(args=None):
             params.watch, model, out(params.output.csv), threshold=params.threshold, batch_size=params.batch_size,
             nproc=params.nproc, device=device, patterns=params.live.patterns, poll_seconds=params.live.poll,
             idle_timeout=params.live.stop_after_idle, report_seconds=params.live.report_every,
+            find_hot_pixels=params.hot_pixels.find,
         )
         watcher.run()
         classification, experiments = watcher.classification(), watcher.experiments()
-        write_json(out(params.output.json), classification, model_info, live={"intervals": watcher.intervals})
+        hot_summary = {"masked": int(sum(mask.sum() for mask in watcher.hot_pixels.values())),
+                       "reports": watcher.hot_pixel_reports} if params.hot_pixels.find else None
+        write_json(out(params.output.json), classification, model_info, live={"intervals": watcher.intervals},
+                   hot_pixels=hot_summary)
         hits = write_hits(out(params.output.experiments), experiments, classification)
         log_summary(classification, params.threshold)
         logger.info("Saved %s, %s and %d hit(s) to %s", out(params.output.json), out(params.output.csv), len(hits),

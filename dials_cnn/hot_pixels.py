@@ -70,8 +70,8 @@ def bright_pixels(flat, top_fraction):
 
 
 def find_hot_pixels(units, read_flat, sample=20, top_fraction=0.002, min_fraction=0.5):
-    """Hot pixels of the units of :func:`dials_cnn.classify.image_units`, per detector: {detector key:
-    bool array over the flat grid, True where a pixel is hot}, and a list of one-line reports.
+    """Hot pixels of the units of :func:`dials_cnn.classify.image_units`, per detector looked at: {detector
+    key: bool array over the flat grid, True where a pixel is hot}, and a list of one-line reports.
 
     ``read_flat(unit)`` gives (FlatImage, (y0, y1, x0, x1) of it on the flat grid, the grid's shape):
     the part of the image the network sees, read as the classification reads it. A detector with
@@ -102,8 +102,7 @@ def find_hot_pixels(units, read_flat, sample=20, top_fraction=0.002, min_fractio
         needed = max(3, math.ceil(min_fraction * used))
         hot = counts >= needed
         n_hot = int(hot.sum())
-        if n_hot:
-            masks[key] = hot
+        masks[key] = hot  # also when empty: this detector has been looked at
         reports.append(f"hot pixels: {name}: {n_hot} masked (above their neighbours among the brightest "
                        f"{100 * top_fraction:g} % in >= {needed} of {used} sampled images)")
     return masks, reports

@@ -40,7 +40,7 @@ def run_with_hot_pixels(tmp_path_factory):
                 image[y, x] = level
             writer.append(image, still.distance_mm, still.wavelength_A)
     experiments = ExperimentListFactory.from_filenames([str(path)])
-    return experiments, hot, [still.truth for still in stills]
+    return experiments, hot, [still.truth for still in stills], path
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def model():
 
 
 def test_the_hot_pixels_of_a_run_are_found_and_nothing_else(run_with_hot_pixels, model):
-    experiments, hot, _ = run_with_hot_pixels
+    experiments, hot, _, _ = run_with_hot_pixels
     masks, reports = find_run_hot_pixels(image_units(experiments), model.preprocess)
     assert len(masks) == 1 and len(reports) == 1 and "8 masked" in reports[0]
     (grid,) = masks.values()  # a single flat panel: the flat grid is the panel
@@ -57,7 +57,7 @@ def test_the_hot_pixels_of_a_run_are_found_and_nothing_else(run_with_hot_pixels,
 
 
 def test_masked_hot_pixels_keep_blanks_misses(run_with_hot_pixels, model):
-    experiments, _, truths = run_with_hot_pixels
+    experiments, _, truths, _ = run_with_hot_pixels
     units = image_units(experiments)
     blanks = [k for k, truth in enumerate(truths) if truth["n_visible_spots"] == 0]
     assert len(blanks) >= 3
@@ -71,7 +71,7 @@ def test_masked_hot_pixels_keep_blanks_misses(run_with_hot_pixels, model):
 
 
 def test_too_few_images_mask_nothing(run_with_hot_pixels, model):
-    experiments, _, _ = run_with_hot_pixels
+    experiments, _, _, _ = run_with_hot_pixels
     masks, reports = find_run_hot_pixels(image_units(experiments)[:5], model.preprocess)
     assert masks == {} and "fewer than 10" in reports[0]
 
@@ -87,7 +87,7 @@ def test_dials_cnn_classify_masks_them_and_says_so(run_with_hot_pixels, tmp_path
 
     from dials_cnn.command_line import classify as command
 
-    experiments, _, truths = run_with_hot_pixels
+    experiments, _, truths, _ = run_with_hot_pixels
     experiments.as_file(str(tmp_path / "imported.expt"))
     monkeypatch.chdir(tmp_path)
     for find, directory in (("True", "on"), ("False", "off")):
@@ -98,3 +98,20 @@ def test_dials_cnn_classify_masks_them_and_says_so(run_with_hot_pixels, tmp_path
     assert "hot_pixels" not in off
     truth_hits = sum(truth["n_visible_spots"] >= 4 for truth in truths)
     assert on["summary"]["hits"] == truth_hits < off["summary"]["hits"] == N_IMAGES
+
+
+def test_live_mode_finds_them_on_the_first_chunk(run_with_hot_pixels, model, tmp_path):
+    import shutil
+
+    from dials_cnn.live import LiveClassifier
+
+    _, hot, truths, path = run_with_hot_pixels
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(path, folder / "hot.h5")
+    watcher = LiveClassifier(folder, model, tmp_path / "rows.csv", poll_seconds=0.1, idle_timeout=1.0)
+    classification, _ = watcher.run()
+    (grid,) = watcher.hot_pixels.values()
+    assert sorted(zip(*np.nonzero(grid))) == sorted(hot) and "8 masked" in watcher.hot_pixel_reports[0]
+    decisions = [record.decision for record in classification.records]
+    assert decisions == ["Hit" if truth["n_visible_spots"] >= 4 else "Miss" for truth in truths]
