@@ -13,13 +13,9 @@ image in at least ``min_fraction`` of the sampled images. The excess, not the va
 pixels of a smooth background (near the beam stop, a water ring) are the same in every image too.
 """
 
-import logging
 import math
 
 import numpy as np
-
-
-logger = logging.getLogger(__name__)
 
 #: fewer sampled images than this say nothing reliable about which pixels are always bright
 MIN_IMAGES = 10
