@@ -282,12 +282,14 @@ def run(args=None):
             params.watch, model, out(params.output.csv), threshold=params.threshold, batch_size=params.batch_size,
             nproc=params.nproc, device=device, patterns=params.live.patterns, poll_seconds=params.live.poll,
             idle_timeout=params.live.stop_after_idle, report_seconds=params.live.report_every,
-            find_hot_pixels=params.hot_pixels.find,
+            find_hot_pixels=params.hot_pixels.find, hot_pixel_sample=params.hot_pixels.sample,
+            hot_pixel_min_fraction=params.hot_pixels.min_fraction,
         )
         watcher.run()
         classification, experiments = watcher.classification(), watcher.experiments()
-        hot_summary = {"masked": int(sum(mask.sum() for mask in watcher.hot_pixels.values())),
-                       "reports": watcher.hot_pixel_reports} if params.hot_pixels.find else None
+        search = watcher.hot_pixel_search
+        hot_summary = {"masked": int(sum(mask.sum() for mask in search.hot_pixels.values() if mask is not None)),
+                       "reports": search.reports} if search else None
         write_json(out(params.output.json), classification, model_info, live={"intervals": watcher.intervals},
                    hot_pixels=hot_summary)
         hits = write_hits(out(params.output.experiments), experiments, classification)

@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import logging
 import multiprocessing
+import os
 import signal
 import time
 
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from dials_cnn.decision import argmax_classes, hit_decisions
-from dials_cnn.hot_pixels import detector_key, find_hot_pixels, mask_hot_pixels
+from dials_cnn.hot_pixels import MIN_IMAGES, detector_key, find_hot_pixels, mask_hot_pixels
 from dials_cnn.model import CLASS_NAMES
 from dials_cnn.preprocess import input_region, prepare
 from dials_cnn.projection import projection_for, read_panels, static_mask
@@ -52,8 +53,8 @@ class Classification:
     records: list
     units: list
     threshold: float
-    seconds: dict  # per stage: read, projection, preprocess (summed over workers), read_preprocess
-    # (wall time waiting for inputs), network, total
+    seconds: dict  # per stage: read, projection, preprocess, network (summed over workers: on the CPU
+    # with nproc > 1 they run the network too), read_preprocess (wall time waiting for inputs), total
 
     @property
     def hit_units(self):
@@ -162,6 +163,8 @@ class _LayoutCutReader:
         self.layout = layouts.open_layout(path, version)
         self.dataset_name = layouts.PIXEL_DATASET[version]
         self.h5 = h5py.File(path, "r")
+        self.fd = os.open(path, os.O_RDONLY)
+        self.datasets = {}  # chunk name -> (dataset, whether its images can be read straight from the file)
 
     @classmethod
     def for_imageset(cls, imageset, path):
@@ -177,15 +180,41 @@ class _LayoutCutReader:
         except Exception:  # anything unexpected: the general dxtbx path reads it
             return None
 
+    def _dataset(self, chunk):
+        if chunk not in self.datasets:
+            dataset = self.h5["data"][chunk][self.dataset_name]
+            if dataset.ndim != 3:
+                raise ValueError("not a single-panel layout")
+            # stored as plain bytes (no compression or other filter; contiguous, or one image per
+            # chunk): rows can be read from the file at their offset, without HDF5's selection machinery
+            plain = (dataset.id.get_create_plist().get_nfilters() == 0 and dataset.dtype.isnative
+                     and (dataset.chunks is None or dataset.chunks == (1,) + dataset.shape[1:]))
+            self.datasets[chunk] = (dataset, plain)
+        return self.datasets[chunk]
+
+    def _image_offset(self, dataset, within):
+        """Byte offset of image ``within`` of ``dataset`` in the file, or None (not allocated)."""
+        if dataset.chunks is None:
+            offset = dataset.id.get_offset()
+            return None if offset is None else offset + within * dataset.shape[1] * dataset.shape[2] * dataset.dtype.itemsize
+        info = dataset.id.get_chunk_info_by_coord((within, 0, 0))
+        return None if info.byte_offset is None or info.filter_mask else info.byte_offset
+
     def read(self, file_index, y0, y1, x0, x1):
         chunk, within = self.layout.locate(file_index)
-        dataset = self.h5["data"][chunk][self.dataset_name]
-        if dataset.ndim != 3:
-            raise ValueError("not a single-panel layout")
+        dataset, plain = self._dataset(chunk)
+        offset = self._image_offset(dataset, within) if plain else None
+        if offset is not None:
+            # the cut's rows in one read (a 1024-row cut of a 1765^2 int32 image: 0.8 ms, h5py 1.6 ms)
+            width = dataset.shape[2]
+            rows = np.empty((y1 - y0, width), dtype=dataset.dtype)
+            if os.preadv(self.fd, [rows], offset + y0 * width * dataset.dtype.itemsize) == rows.nbytes:
+                return rows[:, x0:x1] if dataset.dtype == np.int32 else rows[:, x0:x1].astype(np.int32)
         return np.asarray(dataset[within, y0:y1, x0:x1], dtype=np.int32)
 
     def close(self):
         self.h5.close()
+        os.close(self.fd)
 
 
 def _cut_reader(unit, cache):
@@ -211,7 +240,9 @@ def read_flat(unit, params, masks, margin=0, crop_only=True, seconds=None):
     the time spent reading and flattening.
     """
     t0 = time.perf_counter()
-    key = id(unit.imageset)
+    # The static mask is the file's (the format's, or a mask file applied to the imageset): one per
+    # file and mask file, not per still's imageset (converting it costs 0.4 ms an image on a CSPAD)
+    key = ("mask", unit.path, unit.imageset.external_lookup.mask.filename)
     if key not in masks:
         masks[key] = static_mask(unit.imageset)
     detector = unit.imageset.get_detector(unit.position)
@@ -266,6 +297,37 @@ def find_run_hot_pixels(units, params, sample=20, min_fraction=0.5, crop_only=Tr
         close_readers(cache)
 
 
+class RunningHotPixelSearch:
+    """Hot pixels of a run that arrives a few images at a time (live mode with one image per file, the
+    ``dials.cnn_stills_process`` veto, which sees one still at a time): the images of each detector are
+    kept until there are :data:`~dials_cnn.hot_pixels.MIN_IMAGES` of them, then searched once
+    (:func:`find_run_hot_pixels`). Until then that detector's images are classified unmasked: a hot
+    pixel can only make a blank look like a hit, so nothing is vetoed for it."""
+
+    def __init__(self, params, sample=20, min_fraction=0.5):
+        self.params, self.sample, self.min_fraction = params, sample, min_fraction
+        self.hot_pixels = {}  # detector key -> bool mask over the flat grid, or None: looked at, unusable
+        self.reports = []
+        self._waiting = {}  # detector key -> units not yet searched
+
+    def update(self, units):
+        """Take ``units`` into account; returns {detector key: hot-pixel mask} as known now."""
+        for unit in units:
+            key = detector_key(unit.imageset.get_detector(unit.position))
+            if key not in self.hot_pixels:
+                self._waiting.setdefault(key, []).append(unit)
+        for key, waiting in list(self._waiting.items()):
+            if len(waiting) >= MIN_IMAGES:
+                found, reports = find_run_hot_pixels(waiting, self.params, self.sample, self.min_fraction)
+                self.hot_pixels.update(found)
+                self.hot_pixels.setdefault(key, None)
+                for line in reports:
+                    logger.info(line)
+                self.reports.extend(reports)
+                del self._waiting[key]
+        return self.hot_pixels
+
+
 # Worker state for nproc > 1 (fork: the units list is inherited, never pickled).
 _WORKER = {}
 
@@ -280,15 +342,32 @@ def _worker_prepare(position):
     seconds = {}
     array, error = _read_and_prepare(_WORKER["units"][position], _WORKER["params"], _WORKER["masks"],
                                      _WORKER["margin"], seconds, _WORKER["crop_only"], _WORKER["hot"])
+    if _WORKER["network"] is not None and array is not None:
+        t = time.perf_counter()
+        array = cpu_probabilities(_WORKER["network"], array, _WORKER["memory_format"])
+        seconds["network"] = time.perf_counter() - t
     return position, array, error, seconds
 
 
-def prepared_inputs(units, params, nproc=1, margin=0, crop_only=True, with_seconds=False, hot=None):
+def cpu_probabilities(network, array, memory_format=torch.channels_last):
+    """P(HIT), P(MAYBE), P(MISS) (float64) of one preprocessed input on the CPU, in a batch of one
+    (see :func:`classify_units`: the batch size is constant, so the numbers do not depend on where
+    the image was scored)."""
+    with torch.inference_mode():
+        x = torch.from_numpy(array)[None, None].contiguous(memory_format=memory_format)
+        return network(x).exp()[0].numpy().astype(np.float64)
+
+
+def prepared_inputs(units, params, nproc=1, margin=0, crop_only=True, with_seconds=False, hot=None,
+                    network=None, memory_format=torch.channels_last):
     """Yield (position, input array or None, error or None) for ``units``, in input order.
 
     ``nproc`` > 1: worker processes read and preprocess ahead while the caller runs the network.
     ``with_seconds``: each item also carries the {stage: seconds} spent on it. ``hot``: hot pixels
-    to mask (:func:`find_run_hot_pixels`).
+    to mask (:func:`find_run_hot_pixels`). ``network`` (a CPU network, with ``nproc`` > 1): the workers
+    also score each input (:func:`cpu_probabilities`) and yield its probabilities instead of the
+    array, so that no input travels between processes (1 MB per image) and every core runs the whole
+    pipeline.
     """
     if nproc <= 1 or len(units) < 2:
         cache = {}
@@ -300,7 +379,8 @@ def prepared_inputs(units, params, nproc=1, margin=0, crop_only=True, with_secon
         finally:
             close_readers(cache)  # a file may be rewritten later (live mode): never keep it open
         return
-    _WORKER.update(units=units, params=params, masks={}, margin=margin, crop_only=crop_only, hot=hot)
+    _WORKER.update(units=units, params=params, masks={}, margin=margin, crop_only=crop_only, hot=hot,
+                   network=network, memory_format=memory_format)
     context = multiprocessing.get_context("fork")
     try:
         with context.Pool(nproc, initializer=_worker_start) as pool:
@@ -330,6 +410,16 @@ def classify_units(units, model, threshold=0.5, batch_size=16, nproc=1, progress
     started = time.perf_counter()
     batch, batch_positions = [], []
 
+    def record(positions, probabilities):
+        hits = hit_decisions(probabilities, threshold)
+        classes = argmax_classes(probabilities)
+        for k, position in enumerate(positions):
+            unit = units[position]
+            records[position] = ImageRecord(
+                unit.path, unit.file_index, tuple(float(v) for v in probabilities[k]), str(classes[k]),
+                "Hit" if hits[k] else "Miss", None,
+            )
+
     def flush():
         if not batch:
             return
@@ -339,34 +429,31 @@ def classify_units(units, model, threshold=0.5, batch_size=16, nproc=1, progress
         # on how the images were split (nproc, MPI ranks, live chunks). On the CPU that size is 1
         # (measured faster per image than 16: the activations stay in cache); on a GPU, batch_size,
         # a partial batch padded with zeros.
-        with torch.inference_mode():
-            if device.type == "cpu":
-                outputs = [network(torch.from_numpy(array)[None, None].contiguous(memory_format=memory_format))
-                           for array in batch]
-            else:
+        if device.type == "cpu":
+            probabilities = np.stack([cpu_probabilities(network, array, memory_format) for array in batch])
+        else:
+            with torch.inference_mode():
                 stacked = np.stack(batch + [np.zeros_like(batch[0])] * (batch_size - len(batch)))
-                outputs = [network(torch.from_numpy(stacked)[:, None].to(device, memory_format=memory_format))]
-            probabilities = torch.cat(outputs).exp().cpu().numpy().astype(np.float64)[: len(batch)]
+                output = network(torch.from_numpy(stacked)[:, None].to(device, memory_format=memory_format))
+                probabilities = output.exp().cpu().numpy().astype(np.float64)[: len(batch)]
         seconds["network"] += time.perf_counter() - t
-        hits = hit_decisions(probabilities, threshold)
-        classes = argmax_classes(probabilities)
-        for k, position in enumerate(batch_positions):
-            unit = units[position]
-            records[position] = ImageRecord(
-                unit.path, unit.file_index, tuple(float(v) for v in probabilities[k]), str(classes[k]),
-                "Hit" if hits[k] else "Miss", None,
-            )
+        record(batch_positions, probabilities)
         batch.clear()
         batch_positions.clear()
 
+    # On the CPU with worker processes, the workers run the network too (prepared_inputs).
+    in_workers = device.type == "cpu" and nproc > 1 and len(units) >= 2
     t = time.perf_counter()
-    inputs = prepared_inputs(units, params, nproc, crop_only=optimise, with_seconds=True, hot=hot_pixels)
+    inputs = prepared_inputs(units, params, nproc, crop_only=optimise, with_seconds=True, hot=hot_pixels,
+                             network=network if in_workers else None, memory_format=memory_format)
     for done, (position, array, error, stage_seconds) in enumerate(inputs, start=1):
         for stage, value in stage_seconds.items():
             seconds[stage] += value
         if error is not None:
             unit = units[position]
             records[position] = ImageRecord(unit.path, unit.file_index, error=error)
+        elif in_workers:
+            record([position], array[None])
         else:
             batch.append(array)
             batch_positions.append(position)

@@ -110,10 +110,12 @@ def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=
     from dials_cnn.training import DataSet
 
     if cache:
+        from dials_cnn.simulate import LABEL_VERSION
         from dials_cnn.spot_targets import TARGET_VERSION
 
         key = json.dumps([which, seed, margin, preprocess.to_dict(), [dataclasses.astuple(s) for s in sources],
-                          map_stride] + ([TARGET_VERSION] if map_stride else []))
+                          map_stride] + ([TARGET_VERSION] if map_stride else [])
+                         + ([LABEL_VERSION] if LABEL_VERSION > 1 else []))
         import hashlib
 
         stem = os.path.join(cache, f"{which}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dials_cnn import native
+
 
 STRIP_ROWS = 64
 
@@ -99,16 +101,40 @@ def block_reduce(values, block, op):
     ops on strided views, several times faster than pooling on the CPU."""
     if block == 1:
         return values
-    rows = values[0::block].clone()
-    for dy in range(1, block):
+    rows = op(values[0::block], values[1::block])
+    for dy in range(2, block):
         op(rows, values[dy::block], out=rows)
-    out = rows[:, 0::block].clone()
-    for dx in range(1, block):
+    out = op(rows[:, 0::block], rows[:, 1::block])
+    for dx in range(2, block):
         op(out, rows[:, dx::block], out=out)
     return out
 
 
 def block_lcn_max(image, block, window_blocks, std_floor=1.0):
+    """:func:`block_lcn_torch`, by the compiled helper where it is built (one pass over the native
+    pixels, sums in double precision: 4x faster, the same to ~1e-6)."""
+    _check_block_lcn(image, block, window_blocks)
+    compiled = native.function("block_lcn_max")
+    if compiled is None or image.dtype != torch.float32 or image.device.type != "cpu" or image.stride(1) != 1:
+        return block_lcn_torch(image, block, window_blocks, std_floor)
+    out = torch.empty((image.shape[0] // block, image.shape[1] // block), dtype=torch.float32)
+    if compiled(image.data_ptr(), image.shape[0], image.shape[1], image.stride(0), block, window_blocks,
+              float(std_floor), out.data_ptr()) != 0:
+        raise MemoryError("block LCN: out of memory")
+    return out
+
+
+def _check_block_lcn(image, block, window_blocks):
+    if image.dim() != 2 or image.shape[0] % block or image.shape[1] % block:
+        raise ValueError(f"block LCN needs a 2-D image whose sides are multiples of {block}, got {tuple(image.shape)}")
+    if window_blocks < 1 or window_blocks % 2 == 0:
+        raise ValueError(f"the window must be an odd number of blocks, got {window_blocks}")
+    if window_blocks // 2 >= min(image.shape) // block:
+        raise ValueError(f"a window of {window_blocks} blocks needs more than {window_blocks // 2} blocks a side, "
+                         f"got an image of {tuple(image.shape)} pixels")
+
+
+def block_lcn_torch(image, block, window_blocks, std_floor=1.0):
     """LCN at native resolution with windows aligned to ``block`` x ``block`` pixel blocks, then
     ``block`` x ``block`` max-binning, computed from block sums: (H, W) -> (H / block, W / block).
 
@@ -119,10 +145,7 @@ def block_lcn_max(image, block, window_blocks, std_floor=1.0):
     maximum), the windows run on the block grid: ~block^2 times less than LCN before max-binning.
     The global z-score is of the whole ``image``, as in :func:`lcn_torch`.
     """
-    if image.dim() != 2 or image.shape[0] % block or image.shape[1] % block:
-        raise ValueError(f"block LCN needs a 2-D image whose sides are multiples of {block}, got {tuple(image.shape)}")
-    if window_blocks < 1 or window_blocks % 2 == 0:
-        raise ValueError(f"the window must be an odd number of blocks, got {window_blocks}")
+    _check_block_lcn(image, block, window_blocks)
     x = image.to(torch.float32)
     deviation = x - x.mean()  # centred before squaring: no cancellation on a high pedestal
 

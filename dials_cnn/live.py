@@ -23,9 +23,8 @@ import time
 from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
 
 from dials_cnn.classify import (
-    Classification, classify_units, find_run_hot_pixels, image_units, inference_network, resolve_device,
+    Classification, RunningHotPixelSearch, classify_units, image_units, inference_network, resolve_device,
 )
-from dials_cnn.hot_pixels import MIN_IMAGES, detector_key
 from dials_cnn.output import CSV_COLUMNS, format_csv_row, record_rows
 
 logger = logging.getLogger("dials.cnn_classify.live")  # under "dials": shown by dials.util.log
@@ -48,7 +47,8 @@ class LiveClassifier:
 
     def __init__(self, directory, model, csv_path, threshold=0.5, batch_size=16, nproc=1, device="cpu",
                  patterns=("*.h5", "*.nxs", "*.cbf", "*.img"), poll_seconds=1.0, idle_timeout=None,
-                 report_seconds=60.0, chunk_images=64, find_hot_pixels=True):
+                 report_seconds=60.0, chunk_images=64, find_hot_pixels=True, hot_pixel_sample=20,
+                 hot_pixel_min_fraction=0.5):
         self.directory = os.path.abspath(os.fspath(directory))
         self.model = model
         self.csv_path = os.fspath(csv_path)
@@ -66,9 +66,9 @@ class LiveClassifier:
         self.intervals = []  # per report interval: start, seconds, images, hits
         self.stop_requested = threading.Event()
         self._network = None
-        # hot pixels per detector, looked for on the first chunk with enough images of that detector
-        self.find_hot_pixels = find_hot_pixels
-        self.hot_pixels, self.hot_pixel_reports = {}, []
+        # hot pixels per detector, looked for once enough images of that detector have arrived
+        self.hot_pixel_search = (RunningHotPixelSearch(model.preprocess, hot_pixel_sample, hot_pixel_min_fraction)
+                                 if find_hot_pixels else None)
 
     # -- what is there -------------------------------------------------------------------------
     def candidates(self):
@@ -99,19 +99,10 @@ class LiveClassifier:
         return [u for u in units if u.file_index not in state.done]
 
     # -- classification and output -----------------------------------------------------------------
-    def _look_for_hot_pixels(self, units):
-        unseen = [u for u in units if detector_key(u.imageset.get_detector(u.position)) not in self.hot_pixels]
-        if self.find_hot_pixels and len(unseen) >= MIN_IMAGES:
-            found, reports = find_run_hot_pixels(unseen, self.model.preprocess)
-            self.hot_pixels.update(found)
-            for line in reports:
-                logger.info(line)
-            self.hot_pixel_reports.extend(reports)
-
     def _classify(self, path, units, csv_handle):
-        self._look_for_hot_pixels(units)
+        hot_pixels = self.hot_pixel_search.update(units) if self.hot_pixel_search else None
         classification = classify_units(units, self.model, self.threshold, self.batch_size, self.nproc,
-                                        device=self.device, network=self._network, hot_pixels=self.hot_pixels)
+                                        device=self.device, network=self._network, hot_pixels=hot_pixels)
         writer = csv.DictWriter(csv_handle, fieldnames=CSV_COLUMNS)
         for row in record_rows(classification.records):
             writer.writerow(format_csv_row(row))

@@ -41,6 +41,10 @@ cnn_veto {
   nthreads = 1
     .type = int(value_min=1)
     .help = "Torch threads per process for the network."
+  hot_pixels = True
+    .type = bool
+    .help = "Mask hot pixels found on each process's first images (10 per detector); the images before"
+            "that are classified unmasked (a hot pixel can only make a blank look like a hit)."
   decisions_filename = cnn_veto_%s.csv
     .type = str
     .help = "Per-process table of every decision, in output.output_dir (%s: the process's rank)."
@@ -68,11 +72,13 @@ def default_model_path():
 class CNNVeto:
     """Loads the model on first use and classifies one experiment list (one still) at a time."""
 
-    def __init__(self, model_path=None, threshold=0.5, nthreads=1):
+    def __init__(self, model_path=None, threshold=0.5, nthreads=1, hot_pixels=True):
         self.model_path = model_path or default_model_path()
         self.threshold = threshold
         self.nthreads = nthreads
+        self.find_hot_pixels = hot_pixels
         self._model = None
+        self._hot_pixel_search = None
 
     @property
     def model(self):
@@ -89,9 +95,20 @@ class CNNVeto:
 
     def classify(self, experiments):
         """The :class:`dials_cnn.classify.ImageRecord` of each image of ``experiments``."""
-        from dials_cnn.classify import classify_experiments
+        from dials_cnn.classify import RunningHotPixelSearch, classify_units, image_units
 
-        return classify_experiments(experiments, self.model, threshold=self.threshold).records
+        units = image_units(experiments)
+        hot = None
+        if self.find_hot_pixels:
+            if self._hot_pixel_search is None:
+                self._hot_pixel_search = RunningHotPixelSearch(self.model.preprocess)
+            hot = self._hot_pixel_search.update(units)
+        return classify_units(units, self.model, threshold=self.threshold, hot_pixels=hot).records
+
+    @property
+    def hot_pixels(self):
+        """{detector key: hot-pixel mask} found so far (empty before the first 10 images)."""
+        return self._hot_pixel_search.hot_pixels if self._hot_pixel_search else {}
 
 
 def _processor_base():
@@ -107,7 +124,7 @@ class VetoProcessor(_processor_base()):
         super().__init__(params, composite_tag=composite_tag, rank=rank)
         self.rank = rank
         veto = params.cnn_veto
-        self.veto = CNNVeto(veto.model, veto.threshold, veto.nthreads) if veto.enable else None
+        self.veto = CNNVeto(veto.model, veto.threshold, veto.nthreads, veto.hot_pixels) if veto.enable else None
         self.decisions = []
         self.seconds = {"cnn": 0.0, "kept": 0.0}
 

@@ -46,6 +46,9 @@ from dials_cnn.presets import get_preset
 logger = logging.getLogger("dials.cnn_simulate")
 
 LABELS = ("HIT", "MAYBE", "MISS")
+#: changes whenever the truth labels of the same shots change, so that cached training data is not reused
+#: across it (2: visibility measured on the drawn image, not on the expected photons)
+LABEL_VERSION = 2
 HIT_MIN_SPOTS = 10  # expert rule (paper §3.3.1): HIT >= 10 spots, MAYBE 4-9, else MISS
 MAYBE_MIN_SPOTS = 4
 
@@ -1185,6 +1188,34 @@ def _visibility_thresholds(shot, spots, radial, tangential, background_at, low_g
     return np.maximum(np.maximum(snr_need, peak_need), shot.visible_min_photons)
 
 
+def _spot_boxes(x, y, radial, tangential, field_shape):
+    """Square pixel boxes (+-2 sigma, 1-8 px) around spots, grouped by size: a list of (flat indices
+    (n, P), index into the spots (n,)); pixels off the image are clipped onto its edge."""
+    slow, fast = field_shape
+    half = np.clip(np.ceil(2.0 * np.sqrt(np.maximum(radial, tangential) ** 2 + 1 / 12)), 1, 8).astype(int)
+    boxes = []
+    for size in np.unique(half):
+        pick = np.flatnonzero(half == size)
+        offsets = np.arange(-size, size + 1)
+        rows = np.clip(np.floor(y[pick]).astype(np.int64)[:, None] + offsets, 0, slow - 1)
+        cols = np.clip(np.floor(x[pick]).astype(np.int64)[:, None] + offsets, 0, fast - 1)
+        boxes.append(((rows[:, :, None] * fast + cols[:, None, :]).reshape(pick.size, -1), pick))
+    return boxes
+
+
+def _realised_photons(photons, boxes, background_boxes, mean_boxes, observed_boxes):
+    """The photons each spot shows in this image: its expected photons scaled by a matched filter of the
+    drawn pixels over its expected profile (the excess of the noise-free image over the background in
+    its box), whose noise is the criterion's: variance (B + r^2) over the effective area 4 pi sigma^2."""
+    realised = np.array(photons, dtype=np.float64)
+    for (_, pick), background, mean, observed in zip(boxes, background_boxes, mean_boxes, observed_boxes):
+        profile = np.maximum(mean - background, 0).astype(np.float64)
+        norm = (profile * profile).sum(axis=1)
+        scale = (profile * (observed - background)).sum(axis=1) / np.maximum(norm, 1e-30)
+        realised[pick] = np.where(norm > 0, photons[pick] * scale, 0.0)
+    return realised
+
+
 def _solve_brightness(thresholds, weights, counted, target, rng, max_photons=2.0e6):
     """Brightness (photons per unit weight) that makes exactly ``target`` counted spots visible."""
     scale_needed = np.sort(thresholds[counted] / np.maximum(weights[counted], 1e-30))
@@ -1269,7 +1300,11 @@ def simulate_still(shot, rng):
         else:
             brightness = 0.0
     photons = brightness * weights
-    visible = good & (photons >= thresholds)
+    expected_visible = good & (photons >= thresholds)
+    # reflections near the criterion: whether the image shows them depends on its noise (measured below)
+    near = np.flatnonzero(good & (photons >= 0.2 * thresholds) & (photons < 5.0 * thresholds))
+    boxes = _spot_boxes(spots["x"][near], spots["y"][near], radial[near], tangential[near], field_shape=lam.shape)
+    background_boxes = [lam.ravel()[index] for index, _ in boxes]
 
     # --- render the spots that carry light (brightest first if there are very many)
     drawn = np.flatnonzero(photons >= 1.0)
@@ -1278,6 +1313,7 @@ def simulate_still(shot, rng):
     field = background
     _render_spots(field, spots["x"][drawn], spots["y"][drawn], photons[drawn], radial[drawn], tangential[drawn], shot)
     field.ravel()[frame.inactive_index] = 0.0
+    mean_boxes = [field.ravel()[index] for index, _ in boxes]
 
     # --- detection: photons, gain, read noise, offsets, saturation
     # the phosphor's correlation averages ~7 pixels' noise: the normal approximation is fine from 3 photons
@@ -1293,6 +1329,14 @@ def simulate_still(shot, rng):
         read = _normal_field(pools, rng, adu.size).reshape(adu.shape)
         read *= np.float32(shot.read_noise_adu)
         adu += read
+    if shot.pulse:
+        observed = [adu.ravel()[index] / np.float32(max(shot.adu_per_photon, 1e-6)) for index, _ in boxes]
+        realised = _realised_photons(photons[near], boxes, background_boxes, mean_boxes, observed)
+    else:
+        realised = photons[near]
+    shown = photons.astype(np.float64)  # photons as the image shows them
+    shown[near] = realised
+    visible = good & (shown >= thresholds)
     if shot.pedestal_adu:
         adu += np.float32(shot.pedestal_adu)
     if shot.common_mode_sigma_adu > 0 and frame.active_areas:
@@ -1319,11 +1363,13 @@ def simulate_still(shot, rng):
     image.ravel()[frame.inactive_index] = frame.gap_value
 
     n_visible = int(np.count_nonzero(visible & in_window))
+    n_expected_visible = int(np.count_nonzero(expected_visible & in_window))
     crystal_limit = min((c.resolution_limit_A for c in shot.crystals), default=None) if shot.pulse else None
     truth = {
         "label": label_for_count(n_visible),
         "n_visible_spots": n_visible,
         "n_spots_total": int(np.count_nonzero(visible)),
+        "n_expected_visible_spots": n_expected_visible,
         "crystal_present": bool(shot.crystals) and shot.pulse,
         "n_lattices": len(shot.crystals) if shot.pulse else 0,
         "resolution_limit_A": crystal_limit,
@@ -1350,7 +1396,9 @@ def simulate_still(shot, rng):
             "y": spots["y"],
             "d": spots["d"],
             "photons": photons,
+            "realised_photons": shown,
             "visible": visible,
+            "expected_visible": expected_visible,
             "visibility_threshold": thresholds,
             "in_window": in_window,
             "lattice": lattice,

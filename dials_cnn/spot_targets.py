@@ -21,7 +21,7 @@ from dials_cnn.preprocess import input_region
 
 BACKGROUND, SPOT = 0, 1
 #: changes whenever the meaning of the maps changes, so that cached training data is not reused across it
-TARGET_VERSION = 2
+TARGET_VERSION = 3
 
 
 def native_pixels_per_input_pixel(params):

@@ -111,7 +111,40 @@ def test_live_mode_finds_them_on_the_first_chunk(run_with_hot_pixels, model, tmp
     shutil.copy(path, folder / "hot.h5")
     watcher = LiveClassifier(folder, model, tmp_path / "rows.csv", poll_seconds=0.1, idle_timeout=1.0)
     classification, _ = watcher.run()
-    (grid,) = watcher.hot_pixels.values()
-    assert sorted(zip(*np.nonzero(grid))) == sorted(hot) and "8 masked" in watcher.hot_pixel_reports[0]
+    (grid,) = watcher.hot_pixel_search.hot_pixels.values()
+    assert sorted(zip(*np.nonzero(grid))) == sorted(hot) and "8 masked" in watcher.hot_pixel_search.reports[0]
     decisions = [record.decision for record in classification.records]
     assert decisions == ["Hit" if truth["n_visible_spots"] >= 4 else "Miss" for truth in truths]
+
+
+def test_a_run_arriving_one_image_at_a_time_is_searched_once_ten_have_come(run_with_hot_pixels, model):
+    """One image per file in live mode, or the stills_process veto (one still per call): the images
+    of a detector are kept until there are 10, then searched once; nothing is masked before."""
+    from dials_cnn.classify import RunningHotPixelSearch
+
+    experiments, hot, _, _ = run_with_hot_pixels
+    search = RunningHotPixelSearch(model.preprocess)
+    units = image_units(experiments)
+    known = [dict(search.update([unit])) for unit in units]
+    assert all(k == {} for k in known[:9])
+    (grid,) = known[9].values()
+    assert sorted(zip(*np.nonzero(grid))) == sorted(hot)
+    assert known[10].keys() == known[9].keys() and len(search.reports) == 1
+
+
+def test_the_stills_process_veto_masks_them_from_the_tenth_still_on(run_with_hot_pixels, model):
+    from dxtbx.model.experiment_list import ExperimentList
+
+    from dials_cnn.prefilter import CNNVeto
+
+    experiments, hot, truths, _ = run_with_hot_pixels
+    assert len(experiments) == N_IMAGES
+    veto = CNNVeto(default_model_path())
+    decisions = [veto.classify(ExperimentList([experiment]))[0].decision for experiment in experiments]
+    (grid,) = veto.hot_pixels.values()
+    assert sorted(zip(*np.nonzero(grid))) == sorted(hot)
+    # stills 10-12 are classified with the mask; before it, a blank with 8 hot pixels is kept (a Hit)
+    assert decisions[9:] == ["Hit" if truth["n_visible_spots"] >= 4 else "Miss" for truth in truths[9:]]
+    assert all(d == "Hit" for d in decisions[:9])
+    unmasked = CNNVeto(default_model_path(), hot_pixels=False)
+    assert all(unmasked.classify(ExperimentList([e]))[0].decision == "Hit" for e in experiments[9:])

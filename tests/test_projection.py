@@ -142,3 +142,24 @@ def test_external_mask_of_the_imageset_applies(cbf_image):
     flat = flatten_image(imageset, 0)
     assert not flat.mask[5, 7] and flat.data[5, 7] == 0
     assert flat.mask.sum() == 180 * 200 - 2  # that pixel and the untrusted one
+
+
+def test_the_compiled_cleaning_of_a_cut_is_the_numpy_one():
+    """The int32 cut of a single panel (a strided view of the file's rows, as the classification
+    reads it) cleaned by the compiled pass and by numpy (the int64 path): the same pixels and mask."""
+    from dials_cnn import native
+    from dials_cnn.projection import _clean
+
+    assert native.function("clean_cut_i32") is not None, f"{native.LIBRARY} is missing: run make env"
+    rng = np.random.default_rng(8)
+    rows = rng.integers(-40, 70000, size=(300, 500), dtype=np.int32)
+    cut = rows[:, 100:356]
+    mask = rng.random((300, 500)) > 0.05
+    for valid in (mask[:, 100:356], None):
+        for low, high in ((-10.0, 65535.0), (0.0, 3000.0)):
+            compiled = _clean(cut, valid, low, high)
+            reference = _clean(cut.astype(np.int64), valid, low, high)
+            assert compiled[0].dtype == np.float32 and compiled[1].dtype == bool
+            np.testing.assert_array_equal(compiled[0], reference[0])
+            np.testing.assert_array_equal(compiled[1], reference[1])
+    assert compiled[1].sum() < compiled[1].size  # some pixels were below the trusted range
