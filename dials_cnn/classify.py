@@ -197,7 +197,10 @@ class _LayoutCutReader:
         if dataset.chunks is None:
             offset = dataset.id.get_offset()
             return None if offset is None else offset + within * dataset.shape[1] * dataset.shape[2] * dataset.dtype.itemsize
-        info = dataset.id.get_chunk_info_by_coord((within, 0, 0))
+        try:
+            info = dataset.id.get_chunk_info_by_coord((within, 0, 0))
+        except Exception:  # not written yet (live mode): HDF5's own read says what is there
+            return None
         return None if info.byte_offset is None or info.filter_mask else info.byte_offset
 
     def read(self, file_index, y0, y1, x0, x1):

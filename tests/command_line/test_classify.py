@@ -241,6 +241,10 @@ def test_fast_path_gives_the_predictions_of_the_straightforward_one(fixture_name
     reader = _LayoutCutReader.for_imageset(units[0].imageset, units[0].path)
     assert (reader is None) == (fixture_name == "raw_cspad")
     if reader is not None:
+        # the project's writers store one image per uncompressed chunk: its rows are read at their offset
+        chunk, within = reader.layout.locate(units[0].file_index)
+        dataset, plain = reader._dataset(chunk)
+        assert plain and reader._image_offset(dataset, within) is not None
         reader.close()
     for params in (PreprocessParams(pipeline="native", crop=96, bin=2, lcn_window=21),
                    PreprocessParams(pipeline="binned", crop=48, bin=2, pool=2)):
