@@ -46,9 +46,6 @@ from dials_cnn.presets import get_preset
 logger = logging.getLogger("dials.cnn_simulate")
 
 LABELS = ("HIT", "MAYBE", "MISS")
-#: changes whenever the truth labels of the same shots change, so that cached training data is not reused
-#: across it (2: visibility measured on the drawn image, not on the expected photons)
-LABEL_VERSION = 2
 HIT_MIN_SPOTS = 10  # expert rule (paper §3.3.1): HIT >= 10 spots, MAYBE 4-9, else MISS
 MAYBE_MIN_SPOTS = 4
 
@@ -1300,8 +1297,9 @@ def simulate_still(shot, rng):
         else:
             brightness = 0.0
     photons = brightness * weights
-    expected_visible = good & (photons >= thresholds)
-    # reflections near the criterion: whether the image shows them depends on its noise (measured below)
+    visible = good & (photons >= thresholds)
+    # reflections near the criterion: whether the drawn image shows them depends on its noise (measured
+    # below, kept beside the label as a measure of how far the image can tell it)
     near = np.flatnonzero(good & (photons >= 0.2 * thresholds) & (photons < 5.0 * thresholds))
     boxes = _spot_boxes(spots["x"][near], spots["y"][near], radial[near], tangential[near], field_shape=lam.shape)
     background_boxes = [lam.ravel()[index] for index, _ in boxes]
@@ -1336,7 +1334,7 @@ def simulate_still(shot, rng):
         realised = photons[near]
     shown = photons.astype(np.float64)  # photons as the image shows them
     shown[near] = realised
-    visible = good & (shown >= thresholds)
+    visible_in_image = good & (shown >= thresholds)
     if shot.pedestal_adu:
         adu += np.float32(shot.pedestal_adu)
     if shot.common_mode_sigma_adu > 0 and frame.active_areas:
@@ -1363,13 +1361,12 @@ def simulate_still(shot, rng):
     image.ravel()[frame.inactive_index] = frame.gap_value
 
     n_visible = int(np.count_nonzero(visible & in_window))
-    n_expected_visible = int(np.count_nonzero(expected_visible & in_window))
     crystal_limit = min((c.resolution_limit_A for c in shot.crystals), default=None) if shot.pulse else None
     truth = {
         "label": label_for_count(n_visible),
         "n_visible_spots": n_visible,
         "n_spots_total": int(np.count_nonzero(visible)),
-        "n_expected_visible_spots": n_expected_visible,
+        "n_visible_in_image": int(np.count_nonzero(visible_in_image & in_window)),
         "crystal_present": bool(shot.crystals) and shot.pulse,
         "n_lattices": len(shot.crystals) if shot.pulse else 0,
         "resolution_limit_A": crystal_limit,
@@ -1398,7 +1395,7 @@ def simulate_still(shot, rng):
             "photons": photons,
             "realised_photons": shown,
             "visible": visible,
-            "expected_visible": expected_visible,
+            "visible_in_image": visible_in_image,
             "visibility_threshold": thresholds,
             "in_window": in_window,
             "lattice": lattice,

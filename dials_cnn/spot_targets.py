@@ -21,7 +21,7 @@ from dials_cnn.preprocess import input_region
 
 BACKGROUND, SPOT = 0, 1
 #: changes whenever the meaning of the maps changes, so that cached training data is not reused across it
-TARGET_VERSION = 3
+TARGET_VERSION = 2
 
 
 def native_pixels_per_input_pixel(params):
@@ -31,9 +31,12 @@ def native_pixels_per_input_pixel(params):
     return params.bin * (params.pool if params.pipeline == "binned" else 1)
 
 
-def spot_target_map(spots, beam_centre_px, params, margin, stride):
+def spot_target_map(spots, beam_centre_px, params, margin, stride, visible="visible"):
     """The uint8 target map of one still's ``spots`` (the ``Still.spots`` dict of :mod:`dials_cnn.simulate`)
-    for inputs prepared with ``params`` and ``margin``; its side is the input side / ``stride``."""
+    for inputs prepared with ``params`` and ``margin``; its side is the input side / ``stride``.
+
+    ``visible``: which spots are marked, ``"visible"`` (by their expected photons: the truth labels,
+    what the default model is trained on) or ``"visible_in_image"`` (as the drawn image shows them)."""
     scale = native_pixels_per_input_pixel(params) * stride
     top, left, side, _ = input_region(params, beam_centre_px, margin)
     cells = side // scale
@@ -44,6 +47,6 @@ def spot_target_map(spots, beam_centre_px, params, margin, stride):
     column = np.floor((x - left) / scale).astype(np.int64)
     row = np.floor((y - top) / scale).astype(np.int64)
     inside = (column >= 0) & (column < cells) & (row >= 0) & (row < cells)
-    chosen = inside & np.asarray(spots["visible"], dtype=bool)
+    chosen = inside & np.asarray(spots[visible], dtype=bool)
     target[row[chosen], column[chosen]] = SPOT
     return target
