@@ -1203,7 +1203,8 @@ def _spot_boxes(x, y, radial, tangential, field_shape):
 def _realised_photons(photons, boxes, background_boxes, mean_boxes, observed_boxes):
     """The photons each spot shows in this image: its expected photons scaled by a matched filter of the
     drawn pixels over its expected profile (the excess of the noise-free image over the background in
-    its box), whose noise is the criterion's: variance (B + r^2) over the effective area 4 pi sigma^2."""
+    its box): unbiased, with the noise of the criterion's matched filter, variance (B + r^2) over the
+    effective area 4 pi sigma^2, plus the spot's own photon noise."""
     realised = np.array(photons, dtype=np.float64)
     for (_, pick), background, mean, observed in zip(boxes, background_boxes, mean_boxes, observed_boxes):
         profile = np.maximum(mean - background, 0).astype(np.float64)
