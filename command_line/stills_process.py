@@ -22,6 +22,7 @@ mp.nproc, output.*, spotfinder.*, indexing.*, ...), plus:
   cnn_veto.enable=True|False     switch the veto off to get plain dials.stills_process
   cnn_veto.model=model.pt        model written by dials.cnn_train (default: the shipped model)
   cnn_veto.threshold=0.5         lower keeps more images (fewer lost hits)
+  cnn_veto.hot_pixels=True       mask hot pixels found on each process's first 10 images
 
 Each veto is logged and written to the per-process debug log (debug/debug_<rank>.txt, state
 "stop", message cnn_veto_<P(HIT)+P(MAYBE)>); every decision goes to cnn_veto_<rank>.csv in
