@@ -39,5 +39,9 @@ fi
 lib="$here/dials_cnn/_native.so"
 if [ ! -f "$lib" ] || [ "$here/dials_cnn/_native.c" -nt "$lib" ]; then
   echo "[ensure_env] gcc dials_cnn/_native.c"
-  gcc -O3 -fno-math-errno -fPIC -shared -o "$lib.tmp" "$here/dials_cnn/_native.c" -lm && mv "$lib.tmp" "$lib"
+  if gcc -O3 -fno-math-errno -fPIC -shared -o "$lib.tmp" "$here/dials_cnn/_native.c" -lm; then
+    mv "$lib.tmp" "$lib"
+  else
+    echo "[ensure_env] could not compile dials_cnn/_native.c: numpy and torch do its work, more slowly"
+  fi
 fi
