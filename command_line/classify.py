@@ -308,7 +308,7 @@ def run(args=None):
     if params.hot_pixels.find:
         # every rank finds the same mask from the same sampled images: MPI outputs stay identical
         hot, reports = find_run_hot_pixels(units, model.preprocess, params.hot_pixels.sample,
-                                           params.hot_pixels.min_fraction)
+                                           params.hot_pixels.min_fraction, nproc=params.nproc)
         if rank == 0:
             for line in reports:
                 logger.info(line)

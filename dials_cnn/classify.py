@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dials_cnn.decision import argmax_classes, hit_decisions
-from dials_cnn.hot_pixels import MIN_IMAGES, detector_key, find_hot_pixels, mask_hot_pixels
+from dials_cnn.hot_pixels import MIN_IMAGES, detector_key, find_hot_pixels, mask_hot_pixels, sampled_bright_pixels
 from dials_cnn.model import CLASS_NAMES
 from dials_cnn.preprocess import input_region, prepare
 from dials_cnn.projection import projection_for, read_panels, static_mask
@@ -309,15 +309,45 @@ def _read_and_prepare(unit, params, masks, margin=0, seconds=None, crop_only=Tru
         return None, f"{type(error).__name__}: {message}"
 
 
-def find_run_hot_pixels(units, params, sample=20, min_fraction=0.5, crop_only=True):
+def find_run_hot_pixels(units, params, sample=20, min_fraction=0.5, crop_only=True, nproc=1):
     """:func:`dials_cnn.hot_pixels.find_hot_pixels` on the part of each image that preprocessing
-    ``params`` uses, read the way the classification reads it."""
+    ``params`` uses, read the way the classification reads it; ``nproc`` > 1: the sampled images are
+    looked at by that many forked processes."""
     cache = {}
+
+    def read(unit):
+        return read_flat(unit, params, cache, crop_only=crop_only)
+
+    def look_in_workers(sampled):
+        _WORKER.update(sampled=sampled, params=params, crop_only=crop_only)
+        try:
+            with multiprocessing.get_context("fork").Pool(min(nproc, len(sampled)), initializer=_worker_start) as pool:
+                return [_unpacked(r) for r in pool.map(_worker_bright_pixels, range(len(sampled)))]
+        finally:
+            _WORKER.clear()
+
     try:
-        return find_hot_pixels(units, lambda unit: read_flat(unit, params, cache, crop_only=crop_only),
-                               sample, min_fraction=min_fraction)
+        return find_hot_pixels(units, read, sample, min_fraction=min_fraction,
+                               look=look_in_workers if nproc > 1 else None)
     finally:
         close_readers(cache)
+
+
+def _worker_bright_pixels(position):
+    cache = _WORKER.setdefault("masks", {})
+    result = sampled_bright_pixels(_WORKER["sampled"][position],
+                                   lambda unit: read_flat(unit, _WORKER["params"], cache, crop_only=_WORKER["crop_only"]))
+    if result is None:
+        return None
+    bright, place, shape = result
+    return np.packbits(bright), bright.shape, place, shape  # 8x fewer bytes back to the parent
+
+
+def _unpacked(result):
+    if result is None:
+        return None
+    packed, cut_shape, place, shape = result
+    return np.unpackbits(packed, count=int(np.prod(cut_shape))).reshape(cut_shape).astype(bool), place, shape
 
 
 class RunningHotPixelSearch:

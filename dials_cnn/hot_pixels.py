@@ -65,13 +65,27 @@ def bright_pixels(flat, top_fraction):
     return excess > np.partition(pooled, rank)[rank]
 
 
-def find_hot_pixels(units, read_flat, sample=20, top_fraction=0.002, min_fraction=0.5):
+def sampled_bright_pixels(unit, read_flat, top_fraction=0.002):
+    """(bright pixels of the part of ``unit``'s image read, (y0, y1, x0, x1) of it on the flat grid, the
+    grid's shape), or None if the image cannot be read (the classification reports it)."""
+    try:
+        flat, place, shape = read_flat(unit)
+        return bright_pixels(flat, top_fraction), place, shape
+    except Exception:
+        return None
+
+
+def find_hot_pixels(units, read_flat, sample=20, top_fraction=0.002, min_fraction=0.5, look=None):
     """Hot pixels of the units of :func:`dials_cnn.classify.image_units`, per detector looked at: {detector
     key: bool array over the flat grid, True where a pixel is hot}, and a list of one-line reports.
 
     ``read_flat(unit)`` gives (FlatImage, (y0, y1, x0, x1) of it on the flat grid, the grid's shape):
     the part of the image the network sees, read as the classification reads it. A detector with
-    fewer than :data:`MIN_IMAGES` readable images is left as it is (reported)."""
+    fewer than :data:`MIN_IMAGES` readable images is left as it is (reported). ``look(sampled units)``
+    gives :func:`sampled_bright_pixels` of each (default: one after the other, here)."""
+    if look is None:
+        def look(sampled):
+            return [sampled_bright_pixels(unit, read_flat, top_fraction) for unit in sampled]
     by_detector = {}
     for position, unit in enumerate(units):
         key = detector_key(unit.imageset.get_detector(unit.position))
@@ -83,12 +97,10 @@ def find_hot_pixels(units, read_flat, sample=20, top_fraction=0.002, min_fractio
             reports.append(f"hot pixels: {name}: {len(positions)} image(s), fewer than {MIN_IMAGES}; none masked")
             continue
         counts, used = None, 0
-        for k in spread_sample(len(positions), sample):
-            try:
-                flat, (y0, y1, x0, x1), shape = read_flat(units[positions[k]])
-                bright = bright_pixels(flat, top_fraction)
-            except Exception:  # an unreadable image is reported by the classification itself
+        for result in look([units[positions[k]] for k in spread_sample(len(positions), sample)]):
+            if result is None:
                 continue
+            bright, (y0, y1, x0, x1), shape = result
             counts = np.zeros(shape, np.int32) if counts is None else counts
             counts[y0:y1, x0:x1] += bright
             used += 1

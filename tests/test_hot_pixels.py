@@ -56,6 +56,16 @@ def test_the_hot_pixels_of_a_run_are_found_and_nothing_else(run_with_hot_pixels,
     assert sorted(zip(*np.nonzero(grid))) == sorted(hot)
 
 
+def test_worker_processes_find_the_same_hot_pixels(run_with_hot_pixels, model):
+    experiments, _, _, _ = run_with_hot_pixels
+    units = image_units(experiments)
+    alone, reports_alone = find_run_hot_pixels(units, model.preprocess)
+    shared, reports_shared = find_run_hot_pixels(units, model.preprocess, nproc=2)
+    assert alone.keys() == shared.keys() and reports_alone == reports_shared
+    for key in alone:
+        np.testing.assert_array_equal(alone[key], shared[key])
+
+
 def test_masked_hot_pixels_keep_blanks_misses(run_with_hot_pixels, model):
     experiments, _, truths, _ = run_with_hot_pixels
     units = image_units(experiments)
