@@ -15,7 +15,8 @@ def modified_parameters(phil_scope, params):
 
 
 def skip_final_collection_at_exit():
-    """Freeze the garbage collector as the process exits, after the atexit handlers registered before.
+    """Freeze the garbage collector when the process exits (an atexit handler), so that the last
+    collection Python makes while shutting down does not traverse every object.
 
     With DIALS, dxtbx and torch loaded, the collection Python makes while shutting down takes ~0.5 s
     (measured: 0.67 s from the last line printed to the end of the process, 0.13 s frozen), a
