@@ -27,6 +27,9 @@ from dials_cnn.projection import projection_for, read_panels, static_mask
 
 logger = logging.getLogger(__name__)
 
+#: buffers one preadv call takes (1024 on Linux)
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+
 
 @dataclasses.dataclass
 class ImageUnit:
@@ -226,9 +229,8 @@ class _LayoutCutReader:
             buffers += [memoryview(row).cast("B"), beside]
         buffers.pop()  # nothing to read after the last row's part
         position = offset + (y0 * width + x0) * itemsize
-        limit = os.sysconf("SC_IOV_MAX")
-        for start in range(0, len(buffers), limit):
-            part = buffers[start : start + limit]
+        for start in range(0, len(buffers), IOV_MAX):
+            part = buffers[start : start + IOV_MAX]
             wanted = sum(len(b) for b in part)
             if os.preadv(self.fd, part, position) != wanted:
                 return None
