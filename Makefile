@@ -2,7 +2,7 @@
 PY := /usr/bin/python3
 export LIBTBX_BUILD ?= /usr/lib/cctbx/python3.11
 
-.PHONY: env demo test default-model benchmark clean
+.PHONY: env demo test default-model fast-model benchmark clean
 
 env:
 	@bash tools/ensure_env.sh
@@ -13,9 +13,12 @@ demo: env
 test: env
 	$(PY) -m pytest -p no:cacheprovider tests
 
-# Reproduces the embedded default model from scratch (simulated stills, < 1 h on 2 cores).
+# Reproduce the embedded models from scratch (simulated stills, < 1 h each on 2 cores).
 default-model: env
-	$(PY) -m dials_cnn.default_model
+	$(PY) -m dials_cnn.default_model --model default
+
+fast-model: env
+	$(PY) -m dials_cnn.default_model --model fast
 
 benchmark: env
 	$(PY) benchmarks/throughput.py

@@ -78,12 +78,12 @@ def simulated_run(preset, n_images, seed, cache, nproc):
 def model_path(requested, cache):
     """The model to benchmark: --model, else the shipped default, else an untrained network with the
     default model's architecture and preprocessing (speed does not depend on the weights)."""
-    from dials_cnn.command_line.classify import default_model_path
+    from dials_cnn.default_model import shipped_model_path
 
     if requested:
-        return requested, "given"
-    if os.path.exists(default_model_path()):
-        return default_model_path(), "shipped default"
+        return shipped_model_path(requested), "given"
+    if os.path.exists(shipped_model_path()):
+        return shipped_model_path(), "shipped default"
     import torch
 
     from dials_cnn.default_model import default_preprocess

@@ -6,7 +6,8 @@ import dials.util
 from dials.util.options import ArgumentParser
 
 from dials_cnn.model import ModelError, load_model
-from dials_cnn.prefilter import VetoScript, default_model_path, veto_phil_scope
+from dials_cnn.default_model import shipped_model_path
+from dials_cnn.prefilter import VetoScript, veto_phil_scope
 
 logger = logging.getLogger("dials.cnn_stills_process")
 
@@ -42,7 +43,7 @@ def check_model(args):
     params, _ = parser.parse_args(args=args, quick_parse=True)
     if not params.cnn_veto.enable:
         return
-    path = params.cnn_veto.model or default_model_path()
+    path = shipped_model_path(params.cnn_veto.model)
     try:
         load_model(path)
     except ModelError as error:

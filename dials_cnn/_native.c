@@ -7,7 +7,7 @@
  * not valid; one pass instead of six.
  *
  * block_lcn_max: dials_cnn.lcn.block_lcn_torch in one pass over the native pixels:
- *   deviation d = x - mean(x); per b x b block: sum d, sum d^2, max d; std = sqrt(mean d^2);
+ *   deviation d = x - mean(x); per b x b block: sum d, sum d^2, max d; std = max(sqrt(mean d^2), min_std);
  *   z-scored block means m = sum d / (b^2 std), q = sum d^2 / (b^2 std^2);
  *   local mean / square = mean of m / q over window x window blocks (reflect padding by blocks);
  *   out = (max d / std - local mean) / max(sqrt(local square - local mean^2), std_floor).
@@ -18,6 +18,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* dials_cnn.native uses this library only if it implements the interface it expects */
+const int dials_cnn_native_version = 2;
 
 static long mirror(long i, long n)
 {
@@ -96,7 +99,7 @@ static void box_cols(const double *in, double *out, long rows, long cols, int wi
 /* image: height x width float32 with rows `row_stride` floats apart; out: (height / block) x
  * (width / block) float32. Returns 0, or -1 if memory ran out. */
 int block_lcn_max(const float *image, long height, long width, long row_stride, int block, int window,
-                  double std_floor, float *out)
+                  double min_std, double std_floor, float *out)
 {
     long gh = height / block, gw = width / block, cells = gh * gw;
     double *first = malloc(sizeof(double) * (6 * cells + 4 * (gw + 2 * window)));
@@ -163,6 +166,8 @@ int block_lcn_max(const float *image, long height, long width, long row_stride, 
     double std = sqrt(sum_squares / ((double)height * width));
     if (!(std > 0.0))
         std = 1.0;
+    if (std < min_std)
+        std = min_std;
     const double n = (double)block * block, scale_first = 1.0 / (n * std), scale_second = 1.0 / (n * std * std);
     for (long i = 0; i < cells; i++) {
         first[i] *= scale_first;

@@ -115,11 +115,14 @@ class SpotCounter(nn.Module):
 
     ``window``: the expert's window in input pixels relative to the beam (x from, x to, y from, y to;
     +y is down the image, the beam at the lower centre). ``input_size``: the side of the input it takes.
+    ``dilations``: the 3 x 3 context layers on the cell grid; each of dilation d widens the receptive field
+    by 16 d input pixels (one, d = 2: 48 px; (2, 4): 112 px, enough to see that a jet streak goes on).
     """
 
     stride = 8
 
-    def __init__(self, n_classes=3, widths=(8, 16, 32), input_size=512, window=(-236.25, 236.25, -221.0, 39.0)):
+    def __init__(self, n_classes=3, widths=(8, 16, 32), input_size=512, window=(-236.25, 236.25, -221.0, 39.0),
+                 dilations=(2,)):
         super().__init__()
         w1, w2, w3 = widths
         self.window_bounds = tuple(float(v) for v in window)
@@ -128,9 +131,10 @@ class SpotCounter(nn.Module):
             return [nn.Conv2d(w_in, w_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=False),
                     nn.BatchNorm2d(w_out), nn.ReLU(inplace=True)]
 
-        # receptive field 4, 8, 16 and 48 input pixels: a spot and the background around it
+        # receptive field 4, 8, 16 input pixels, then + 16 d per context layer: a spot and its surroundings
+        context = [layer for d in dilations for layer in block(w3, w3, 3, 1, d, d)]
         self.features = nn.Sequential(
-            *block(1, w1, 4, 2, 1), *block(w1, w2, 3, 2, 1), *block(w2, w3, 3, 2, 1), *block(w3, w3, 3, 1, 2, 2)
+            *block(1, w1, 4, 2, 1), *block(w1, w2, 3, 2, 1), *block(w2, w3, 3, 2, 1), *context
         )
         self.spot_logits = nn.Conv2d(w3, 1, 1)
         self.classifier = nn.Linear(3, n_classes)

@@ -13,8 +13,10 @@ import os
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_native.so")
 
 _long, _pointer, _int = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+VERSION = 2  # dials_cnn_native_version of the _native.c these signatures describe
 SIGNATURES = {
-    "block_lcn_max": (ctypes.c_int, [_pointer, _long, _long, _long, _int, _int, ctypes.c_double, _pointer]),
+    "block_lcn_max": (ctypes.c_int, [_pointer, _long, _long, _long, _int, _int, ctypes.c_double, ctypes.c_double,
+                                     _pointer]),
     "clean_cut_i32": (None, [_pointer, _long, _long, _long, _pointer, _long, ctypes.c_float, ctypes.c_float,
                              _pointer, _pointer]),
 }
@@ -25,9 +27,12 @@ def _library():
     if os.environ.get("DIALS_CNN_NATIVE", "1") == "0" or not os.path.exists(LIBRARY):
         return None
     try:
-        return ctypes.CDLL(LIBRARY)
-    except OSError:
+        library = ctypes.CDLL(LIBRARY)
+        if ctypes.c_int.in_dll(library, "dials_cnn_native_version").value != VERSION:
+            return None
+    except (OSError, ValueError):  # not loadable, or built from an older _native.c
         return None
+    return library
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,6 +23,7 @@ import time
 from libtbx.phil import parse
 
 from dials_cnn.annotations import image_key
+from dials_cnn.default_model import shipped_model_path
 from dials_cnn.fileio import atomic_write
 
 logger = logging.getLogger("dials.cnn_stills_process")
@@ -34,7 +35,7 @@ cnn_veto {
     .help = "Classify each image with the CNN before spot finding; images classified Miss are skipped."
   model = None
     .type = path
-    .help = "Model file written by dials.cnn_train. Default: the model shipped with dials_cnn."
+    .help = "Model file written by dials.cnn_train, or a shipped model: default (None) or fast."
   threshold = 0.5
     .type = float(value_min=0, value_max=1)
     .help = "Keep an image if P(HIT) + P(MAYBE) > threshold; lower keeps more (fewer lost hits)."
@@ -63,17 +64,11 @@ def veto_phil_scope():
     ).fetch(parse(stills_process.program_defaults_phil_str))
 
 
-def default_model_path():
-    import dials_cnn
-
-    return os.path.join(os.path.dirname(os.path.abspath(dials_cnn.__file__)), "data", "default_model.pt")
-
-
 class CNNVeto:
     """Loads the model on first use and classifies one experiment list (one still) at a time."""
 
     def __init__(self, model_path=None, threshold=0.5, nthreads=1, hot_pixels=True):
-        self.model_path = model_path or default_model_path()
+        self.model_path = shipped_model_path(model_path)
         self.threshold = threshold
         self.nthreads = nthreads
         self.find_hot_pixels = hot_pixels

@@ -49,6 +49,7 @@ class PreprocessParams:
     pool: int = 1  # binned: max-binning after LCN (a one-pixel spot keeps its contrast)
     lcn_window: int = 5
     lcn_std_floor: float = 1.0
+    zscore_min_std: float = 0.0  # counts; the global z-score divides by at least this (lcn.zscore)
     contrast: str = "lcn"  # "linear": the global z-score alone, no local normalisation (paper Table 8)
     version: int = PREPROCESS_VERSION
 
@@ -140,8 +141,8 @@ def input_region(params, beam_centre_px, margin=0):
 def _normalise(image, params):
     """LCN, or with ``contrast="linear"`` the global z-score alone."""
     if params.contrast == "linear":
-        return zscore(image)
-    return lcn_torch(image, params.lcn_window, params.lcn_std_floor)
+        return zscore(image, params.zscore_min_std)
+    return lcn_torch(image, params.lcn_window, params.lcn_std_floor, params.zscore_min_std)
 
 
 def prepare(flat, params, augment=None, rng=None, margin=0):
@@ -170,7 +171,8 @@ def prepare(flat, params, augment=None, rng=None, margin=0):
             top, left = _square_around(flat.beam_centre_px, native_side)
             region = _cut(image, top, left, native_side)
             if params.pipeline == "block" and params.contrast == "lcn":
-                out = block_lcn_max(region, params.bin, params.lcn_window // params.bin, params.lcn_std_floor)
+                out = block_lcn_max(region, params.bin, params.lcn_window // params.bin, params.lcn_std_floor,
+                                    params.zscore_min_std)
             else:
                 out = max_bin(_normalise(region, params), params.bin)
         else:

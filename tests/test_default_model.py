@@ -25,9 +25,15 @@ def model():
     return load_model(default_model.DEFAULT_MODEL_PATH)
 
 
-def test_the_default_model_is_small_and_describes_itself(model):
-    assert os.path.getsize(default_model.DEFAULT_MODEL_PATH) < 512 * 1024
+@pytest.mark.parametrize("name", sorted(default_model.SHIPPED_MODELS))
+def test_the_shipped_models_are_small_and_describe_themselves(name):
+    """The default and the fast model: the same recipe but for the context layers."""
+    path = default_model.shipped_model_path(name)
+    assert os.path.exists(path), f"run `make default-model` / `make fast-model` to build {path}"
+    assert os.path.getsize(path) < 512 * 1024
+    model = load_model(path)
     assert model.architecture == "spotcount"
+    assert tuple(model.architecture_kwargs["dilations"]) == default_model.CONTEXT_DILATIONS[name]
     assert model.preprocess == default_model.default_preprocess()
     assert tuple(model.class_names) == CLASS_NAMES
     held_out = model.metrics["held_out_by_source"]

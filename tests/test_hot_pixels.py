@@ -6,7 +6,7 @@ from dxtbx.model.experiment_list import ExperimentListFactory
 
 from dials_cnn import layouts, presets, simulate
 from dials_cnn.classify import classify_units, find_run_hot_pixels, image_units
-from dials_cnn.command_line.classify import default_model_path
+from dials_cnn.default_model import shipped_model_path
 from dials_cnn.hot_pixels import spread_sample
 from dials_cnn.model import load_model
 
@@ -45,7 +45,7 @@ def run_with_hot_pixels(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model(default_model_path())
+    return load_model(shipped_model_path())
 
 
 def test_the_hot_pixels_of_a_run_are_found_and_nothing_else(run_with_hot_pixels, model):
@@ -149,12 +149,12 @@ def test_the_stills_process_veto_masks_them_from_the_tenth_still_on(run_with_hot
 
     experiments, hot, truths, _ = run_with_hot_pixels
     assert len(experiments) == N_IMAGES
-    veto = CNNVeto(default_model_path())
+    veto = CNNVeto(shipped_model_path())
     decisions = [veto.classify(ExperimentList([experiment]))[0].decision for experiment in experiments]
     (grid,) = veto.hot_pixels.values()
     assert sorted(zip(*np.nonzero(grid))) == sorted(hot)
     # stills 10-12 are classified with the mask; before it, a blank with 8 hot pixels is kept (a Hit)
     assert decisions[9:] == ["Hit" if truth["n_visible_spots"] >= 4 else "Miss" for truth in truths[9:]]
     assert all(d == "Hit" for d in decisions[:9])
-    unmasked = CNNVeto(default_model_path(), hot_pixels=False)
+    unmasked = CNNVeto(shipped_model_path(), hot_pixels=False)
     assert all(unmasked.classify(ExperimentList([e]))[0].decision == "Hit" for e in experiments[9:])

@@ -7,12 +7,16 @@ import torch
 from dials_cnn.lcn import local_contrast_normalise
 
 
-def reference_lcn(image, window=5, std_floor=1.0):
-    """Global z-score, then each pixel minus the mean of its reflect-padded window, over
-    max(window std, std_floor) — one window at a time, in float64."""
+def reference_zscore(image, min_std=0.0):
     x = np.asarray(image, dtype=np.float64)
     std = x.std()
-    z = (x - x.mean()) / (std if std > 0 else 1.0)
+    return (x - x.mean()) / max(std if std > 0 else 1.0, min_std)
+
+
+def reference_lcn(image, window=5, std_floor=1.0, min_std=0.0):
+    """Global z-score (dividing by at least ``min_std``), then each pixel minus the mean of its
+    reflect-padded window, over max(window std, std_floor) — one window at a time, in float64."""
+    z = reference_zscore(image, min_std)
     half = window // 2
     padded = np.pad(z, half, mode="reflect")
     out = np.empty_like(z)
@@ -83,12 +87,10 @@ def test_rejects_wrong_dimensions():
         local_contrast_normalise(np.zeros(10))
 
 
-def reference_block_lcn(image, block, window_blocks, std_floor=1.0):
+def reference_block_lcn(image, block, window_blocks, std_floor=1.0, min_std=0.0):
     """LCN of every native pixel over the pixels of the window_blocks x window_blocks blocks around its
     block (blocks reflect-padded), then the maximum per block — pixel by pixel, in float64."""
-    x = np.asarray(image, dtype=np.float64)
-    std = x.std()
-    z = (x - x.mean()) / (std if std > 0 else 1.0)
+    z = reference_zscore(image, min_std)
     rows, cols = z.shape[0] // block, z.shape[1] // block
     blocks = z.reshape(rows, block, cols, block).transpose(0, 2, 1, 3)  # (rows, cols, block, block)
     half = window_blocks // 2
@@ -138,6 +140,35 @@ def test_compiled_block_lcn_is_the_torch_one_on_a_detector_cut():
     assert not cut.is_contiguous()
     compiled = block_lcn("compiled")(cut, 2, 11)
     np.testing.assert_allclose(compiled.numpy(), block_lcn_torch(cut, 2, 11).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def sparse_photon_counts(shape, seed, rate=0.01):
+    """A photon-counting image: 1 % of the pixels hold a photon, a Bragg spot of 12 photons."""
+    rng = np.random.default_rng(seed)
+    image = rng.poisson(rate, shape).astype(np.float32)
+    image[20:22, 30:32] = [[5, 3], [3, 1]]
+    return image
+
+
+def test_zscore_floor_matches_reference_and_calms_single_photons():
+    """With the divisor floored at one count a stray photon no longer stands as high as a spot; where
+    the image's std is above the floor nothing changes."""
+    image = sparse_photon_counts((64, 64), 3)
+    floored = local_contrast_normalise(image, window=11, min_std=1.0)
+    np.testing.assert_allclose(floored, reference_lcn(image, 11, min_std=1.0), rtol=0, atol=1e-5)
+    plain = local_contrast_normalise(image, window=11)
+    photons = (image == 1) & (np.arange(64)[:, None] > 30)  # far from the spot
+    assert plain[photons].min() > 0.6 * plain[20, 30]  # a photon looks nearly like the spot's peak
+    assert floored[photons].max() < 0.3 * floored[20, 30]
+    busy = detector_like((48, 64), 7)
+    np.testing.assert_array_equal(local_contrast_normalise(busy, min_std=1.0), local_contrast_normalise(busy))
+
+
+@pytest.mark.parametrize("implementation", BLOCK_LCN_IMPLEMENTATIONS)
+def test_block_lcn_floors_the_global_std_like_the_reference(implementation):
+    image = sparse_photon_counts((64, 64), 5)
+    fast = block_lcn(implementation)(torch.from_numpy(image), 2, 11, 1.0, 1.0).numpy()
+    np.testing.assert_allclose(fast, reference_block_lcn(image, 2, 11, 1.0, 1.0), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("implementation", BLOCK_LCN_IMPLEMENTATIONS)

@@ -139,3 +139,21 @@ def test_spotcount_counts_spots_in_the_window_and_applies_the_experts_rule():
         assert ("HIT", "MAYBE", "MISS")[int(log_p.argmax())] == label, (n, log_p.exp())
     with pytest.raises(RuntimeError):  # the window is made for the input size it was built for
         network(torch.zeros(1, 1, 96, 96))
+
+
+def test_spotcount_context_layers_widen_what_a_cell_sees():
+    """The receptive field of a cell's spot logit: 48 input pixels with the default context layer,
+    112 with dilations (2, 4); measured from the gradient of one logit, not from the formula."""
+
+    def receptive_field(network):
+        x = torch.randn(8, 1, 256, 256, requires_grad=True)  # random: every ReLU passes for some image
+        network.spot_map(x)[:, 0, 16, 16].sum().backward()
+        touched = torch.nonzero(x.grad[:, 0].abs().sum((0, 1))).flatten()
+        return int(touched.max() - touched.min() + 1)
+
+    torch.manual_seed(0)
+    default = build_network("spotcount", input_size=256, window=[-40.0, 40.0, -48.0, 8.0]).eval()
+    wider = build_network("spotcount", input_size=256, window=[-40.0, 40.0, -48.0, 8.0], dilations=[2, 4]).eval()
+    assert receptive_field(default) == 48
+    assert receptive_field(wider) == 112
+    assert wider(torch.zeros(1, 1, 256, 256)).shape == (1, 3)

@@ -1,5 +1,7 @@
 """Preprocessing pipelines and augmentation."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -178,3 +180,19 @@ def test_linear_contrast_is_the_global_zscore_alone():
     # model files written before the option existed read as LCN
     legacy = {k: v for k, v in PreprocessParams().to_dict().items() if k != "contrast"}
     assert PreprocessParams.from_dict(legacy).contrast == "lcn"
+
+
+@pytest.mark.parametrize("pipeline", ["block", "native", "ke2018"])
+def test_zscore_floor_reaches_every_pipeline(pipeline):
+    """``zscore_min_std`` changes a sparse photon-counting image in every pipeline the same way as the
+    LCN it calls; model files written before it existed keep the paper's z-score (no floor)."""
+    rng = np.random.default_rng(2)
+    image = rng.poisson(0.01, (300, 300)).astype(np.int32)
+    flat = flat_from_array(image, beam_centre_px=(150.0, 150.0))
+    window = 22 if pipeline == "block" else 21
+    plain = PreprocessParams(pipeline=pipeline, crop=96, bin=2, image_size=200, lcn_window=window)
+    floored = dataclasses.replace(plain, zscore_min_std=1.0)
+    # a lone photon: about 10 global stds high without the floor, one count with it
+    assert prepare(flat, plain).max() > 3.0 * prepare(flat, floored).max()
+    legacy = {k: v for k, v in floored.to_dict().items() if k != "zscore_min_std"}
+    assert PreprocessParams.from_dict(legacy) == plain

@@ -14,6 +14,7 @@ from scitbx.array_family import flex
 
 from dials_cnn import presets, simulate
 from dials_cnn.command_line import classify as classify_command
+from dials_cnn.default_model import shipped_model_path
 from dials_cnn.model import MODEL_FORMAT_VERSION, build_network, save_model
 from dials_cnn.preprocess import PreprocessParams
 
@@ -149,7 +150,7 @@ def test_without_model_uses_the_default_or_says_to_pass_one(run_dir, tmp_path, m
     directory, paths, _ = run_dir
     monkeypatch.chdir(tmp_path)
     import_stills(paths[:1], "one.expt")
-    default = classify_command.default_model_path()
+    default = shipped_model_path()
     try:
         classify_command.run(["one.expt"])
     except Sorry as error:
@@ -157,6 +158,17 @@ def test_without_model_uses_the_default_or_says_to_pass_one(run_dir, tmp_path, m
         assert not __import__("os").path.exists(default)
     else:
         assert len(read_csv(tmp_path / "cnn_classification.csv")) == 1
+
+
+def test_the_fast_shipped_model_is_chosen_by_name(run_dir, tmp_path, monkeypatch):
+    directory, paths, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    import_stills(paths[:2], "two.expt")
+    classify_command.run(["two.expt", "model=fast"])
+    summary = json.loads((tmp_path / "cnn_classification.json").read_text())
+    assert summary["model"]["path"] == shipped_model_path("fast")
+    assert summary["model"]["path"] != shipped_model_path()
+    assert len(read_csv(tmp_path / "cnn_classification.csv")) == 2
 
 
 def test_worker_processes_give_the_same_rows(run_dir, tmp_path, monkeypatch):
