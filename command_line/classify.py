@@ -54,7 +54,7 @@ phil_scope = iotbx.phil.parse(
 model = None
   .type = path
   .help = "Model file written by dials.cnn_train, or a model shipped with dials_cnn: default (None) or fast "
-          "(20 % less CPU per image, less accurate on detectors it never saw)."
+          "(~7 % less CPU per image, a little less accurate on detectors it never saw)."
 threshold = 0.5
   .type = float(value_min=0, value_max=1)
   .help = "An image is a Hit if P(HIT) + P(MAYBE) > threshold (0.5 is the paper's rule);"

@@ -15,6 +15,7 @@ from dials.util.version import dials_version
 from dials_cnn.command_line import modified_parameters
 from dials_cnn.annotations import AnnotationError, image_key, read_annotations, resolve_path
 from dials_cnn.classify import image_units, read_inputs
+from dials_cnn.default_model import shipped_model_path
 from dials_cnn.model import CLASS_NAMES, ModelError, architecture_defaults, load_model
 from dials_cnn.preprocess import PreprocessError, PreprocessParams
 from dials_cnn.training import DataSet, TrainingError, TrainingRecipe, split_indices, train
@@ -124,7 +125,8 @@ resume = False
   .help = "Continue from output.checkpoint."
 init_model = None
   .type = path
-  .help = "Start from this model's weights (fine-tuning); its architecture and preprocessing are used."
+  .help = "Start from this model's weights (fine-tuning); its architecture and preprocessing are used. "
+          "A file, or a shipped model: default or fast."
 nthreads = None
   .type = int(value_min=1)
   .help = "Torch threads (default: torch's choice)."
@@ -208,7 +210,7 @@ def _train(params, experiments):
     init_model = None
     try:
         if params.init_model:
-            init_model = load_model(params.init_model)
+            init_model = load_model(shipped_model_path(params.init_model))
             preprocess, architecture = init_model.preprocess, init_model.architecture
         else:
             preprocess = PreprocessParams(

@@ -78,3 +78,15 @@ def test_the_default_model_counts_the_visible_spots_of_unseen_stills(model):
     assert spearmanr(true, expected).statistic > 0.6, list(zip(true, np.round(expected, 1)))  # measured 0.77
     empty = [e for e, t in zip(expected, true) if t == 0]
     assert empty and np.median(empty) < 2  # no phantom spots on empty images
+
+
+def test_shipped_models_are_named_and_files_win(tmp_path, monkeypatch):
+    """model=default / model=fast name the shipped files, unless a file of that name is where the
+    user runs the command."""
+    monkeypatch.chdir(tmp_path)
+    assert default_model.shipped_model_path() == default_model.DEFAULT_MODEL_PATH
+    assert default_model.shipped_model_path("default") == default_model.DEFAULT_MODEL_PATH
+    assert default_model.shipped_model_path("fast") == default_model.FAST_MODEL_PATH
+    assert default_model.shipped_model_path("endstation.pt") == "endstation.pt"
+    (tmp_path / "fast").write_bytes(b"")
+    assert default_model.shipped_model_path("fast") == "fast"
