@@ -208,7 +208,7 @@ def mpi_communicator(method):
     try:
         from mpi4py import MPI
     except ImportError:
-        raise dials.util.Sorry("mp.method=mpi needs mpi4py (Debian: apt-get install python3-mpi4py openmpi-bin)")
+        raise dials.util.Sorry("mp.method=mpi needs mpi4py (Debian: apt-get install python3-mpi4py openmpi-bin)") from None
     return MPI.COMM_WORLD
 
 
@@ -260,7 +260,7 @@ def run(args=None):
         model = load_model(model_path)
         device = resolve_device(str(params.device).lower())  # phil reads the choice "auto" as libtbx.Auto
     except (ModelError, DeviceError) as error:
-        raise dials.util.Sorry(str(error))
+        raise dials.util.Sorry(str(error)) from None
     if rank == 0:
         logger.info("Model %s: architecture %s, preprocessing %s; device %s", model_path, model.architecture,
                     model.preprocess.to_dict(), device)

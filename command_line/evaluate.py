@@ -202,7 +202,7 @@ def run(args=None):
         try:
             models[name] = load_model(path)
         except ModelError as error:
-            raise dials.util.Sorry(str(error))
+            raise dials.util.Sorry(str(error)) from None
 
     baseline_params = threshold = spotfinder_text = None
     if params.baseline.enable:
@@ -213,7 +213,7 @@ def run(args=None):
             baseline_params = spotfinder_params(None, user_spotfinder)
             spotfinder_text = spotfinder_diff(None, user_spotfinder)
         except BaselineError as error:
-            raise dials.util.Sorry(str(error))
+            raise dials.util.Sorry(str(error)) from None
         threshold = params.baseline.threshold
         if threshold is None:
             threshold = get_preset(preset_name).threshold if preset_name else DEFAULT_THRESHOLD
@@ -232,8 +232,8 @@ def run(args=None):
             saliency_per_class=params.saliency_images_per_class, tsne=params.tsne.enable,
             tsne_max_images=params.tsne.max_images, studies=study_options(params.study), log=logger.info,
         )
-    except (AnnotationError, EvaluationError, StudyError) as error:
-        raise dials.util.Sorry(str(error))
+    except (AnnotationError, BaselineError, EvaluationError, StudyError) as error:
+        raise dials.util.Sorry(str(error)) from None
     document["parameters"] = diff_phil
 
     html_path = os.path.join(params.output.directory, params.output.html)

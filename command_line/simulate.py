@@ -189,7 +189,7 @@ def run(args=None):
     try:
         os.makedirs(log_directory, exist_ok=True)
     except OSError as error:
-        raise Sorry(f"Cannot write the log {params.output.log}: {error.strerror}; choose output.log=")
+        raise Sorry(f"Cannot write the log {params.output.log}: {error.strerror}; choose output.log=") from None
     dials.util.log.config(verbosity=options.verbose, logfile=params.output.log)
     diff = modified_parameters(phil_scope, params)
     if diff:
@@ -205,7 +205,7 @@ def run(args=None):
             params.output.layout, params.randomise, params.nproc,
         )
     except (presets.PresetError, simulate.SimulationError) as error:
-        raise Sorry(str(error))
+        raise Sorry(str(error)) from None
     if params.output.chunk_size is None or params.output.chunk_size < 1:
         raise Sorry(f"output.chunk_size must be at least 1, got {params.output.chunk_size}")
 
@@ -228,9 +228,9 @@ def run(args=None):
             progress=_Progress(),
         )
     except (presets.PresetError, simulate.SimulationError) as error:
-        raise Sorry(str(error))
+        raise Sorry(str(error)) from None
     except OSError as error:
-        raise Sorry(f"cannot write into {params.output.directory}: {error}")
+        raise Sorry(f"cannot write into {params.output.directory}: {error}") from None
 
     if params.output.png:
         for path in save_examples(summary, preset, params):

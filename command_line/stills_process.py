@@ -51,8 +51,8 @@ def check_model(args):
             raise dials.util.Sorry(
                 f"No default model is installed ({path} is missing); pass cnn_veto.model=<file written by "
                 "dials.cnn_train> or cnn_veto.enable=False"
-            )
-        raise dials.util.Sorry(str(error))
+            ) from None
+        raise dials.util.Sorry(str(error)) from None
 
 
 @dials.util.show_mail_handle_errors()

@@ -157,7 +157,7 @@ def match_annotations(annotation_files, units):
         try:
             records = read_annotations(filename)
         except AnnotationError as error:
-            raise dials.util.Sorry(str(error))
+            raise dials.util.Sorry(str(error)) from None
         for record in records:
             path = os.path.realpath(resolve_path(filename, record.path))
             position = by_key.get((path, record.index))
@@ -222,7 +222,7 @@ def _train(params, experiments):
             )
             architecture = params.architecture
     except (ModelError, PreprocessError) as error:
-        raise dials.util.Sorry(str(error))
+        raise dials.util.Sorry(str(error)) from None
     recipe = TrainingRecipe(**{name: getattr(params.training, name) for name in TrainingRecipe().to_dict()
                                if hasattr(params.training, name)})
 
@@ -265,7 +265,7 @@ def _train(params, experiments):
             curve_png=params.output.curve, provenance=provenance, log=logger.info,
         )
     except (TrainingError, ModelError) as error:
-        raise dials.util.Sorry(str(error))
+        raise dials.util.Sorry(str(error)) from None
     rows = []
     for name in ("validation", "test"):
         m = result.metrics.get(name)

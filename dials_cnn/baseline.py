@@ -128,6 +128,12 @@ def hit_decisions(counts, threshold):
     return np.where(np.asarray(counts) >= threshold, DECISIONS[0], DECISIONS[1])
 
 
+def _first_sentence(error):
+    """DIALS' message without its 'please report this' preamble, on one line."""
+    text = " ".join(str(error).replace("Please report this error to dials-support@lists.sourceforge.net:", "").split())
+    return text.split(". ")[0]
+
+
 def count_spots(units, params):
     """Strong spots on each image of ``units`` (from :func:`dials_cnn.classify.image_units`).
 
@@ -148,7 +154,14 @@ def count_spots(units, params):
         experiments = ExperimentList(
             [Experiment(imageset=imageset, beam=imageset.get_beam(0), detector=imageset.get_detector(0))]
         )
-        reflections = flex.reflection_table.from_observations(experiments, params, is_stills=True)
+        try:
+            reflections = flex.reflection_table.from_observations(experiments, params, is_stills=True)
+        except RuntimeError as error:  # e.g. more strong pixels than max_strong_pixel_fraction allows
+            raise BaselineError(
+                f"{imageset.get_path(0)}: dials.find_spots failed ({_first_sentence(error)}). Its parameters do "
+                "not fit this detector: pass baseline.preset=<one of "
+                f"{', '.join(sorted(PRESETS))}> or set spotfinder.threshold.dispersion.gain=<ADU per photon>"
+            ) from None
         # z of a still is its index in the file (a slice of a multi-image file keeps it); z of a
         # sequence is in the scan's array range
         if isinstance(imageset, ImageSequence):

@@ -115,3 +115,16 @@ def test_bad_settings_give_one_clear_error(preset, overrides, message):
 
 def test_hit_if_count_reaches_threshold():
     assert baseline.hit_decisions(np.array([0, 29, 30, 31]), 30).tolist() == ["Miss", "Miss", "Hit", "Hit"]
+
+
+def test_a_spot_finder_that_does_not_fit_the_detector_is_one_clear_error(small_run):
+    """dials.find_spots refuses an image with more strong pixels than it allows (DIALS' default gain on
+    a CSPAD does this); the baseline names the file and what to set instead of a traceback."""
+    h5, _, _ = small_run
+    params = baseline.spotfinder_params("LO19", SPOTFINDER + ["spotfinder.filter.max_strong_pixel_fraction=1e-6"])
+    units = image_units(ExperimentListFactory.from_filenames([str(h5)]))
+    with pytest.raises(baseline.BaselineError, match="dials.find_spots failed") as raised:
+        baseline.count_spots(units, params)
+    message = str(raised.value)
+    assert str(h5) in message and "baseline.preset=" in message and "dials-support" not in message
+    assert "\n" not in message

@@ -1,6 +1,7 @@
 """dials.cnn_evaluate end to end: two runs, two models, the baseline; JSON, HTML and dials.cnn_classify agree."""
 
 import json
+import subprocess
 
 import pytest
 from dials.util import Sorry
@@ -94,6 +95,24 @@ def test_bad_inputs_give_one_clear_error(evaluated, tmp_path):
         evaluate_command.run([h5, f"annotations={broken}", f"model={models[0]}", f"output.directory={tmp_path}"])
     with pytest.raises(Sorry, match="not a dials_cnn model file"):
         evaluate_command.run([h5, f"annotations={runs['LO19'][1]}", f"model={broken}", f"output.directory={tmp_path}"])
+    assert not (tmp_path / "dials.cnn_evaluate.json").exists()
+
+
+def test_a_spot_finder_unfit_for_the_detector_is_one_line(evaluated, tmp_path):
+    """dials.find_spots refusing the images (more strong pixels than it allows, as with DIALS' default
+    gain on a CSPAD) reaches the user of the installed command as one Sorry naming the file."""
+    _, runs, models, _, _ = evaluated
+    h5, annotations = str(runs["LO19"][0]), str(runs["LO19"][1])
+    result = subprocess.run(
+        ["dials.cnn_evaluate", h5, f"annotations={annotations}", f"model={models[0]}", "baseline.preset=LO19",
+         "spotfinder.threshold.dispersion.global_threshold=0", "spotfinder.filter.max_strong_pixel_fraction=1e-6",
+         f"output.directory={tmp_path}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    message = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"Sorry: {h5}: dials.find_spots failed" in message and "baseline.preset=" in message
+    assert "Traceback" not in message and "During handling" not in message
     assert not (tmp_path / "dials.cnn_evaluate.json").exists()
 
 
