@@ -446,13 +446,14 @@ def prepared_inputs(units, params, nproc=1, margin=0, crop_only=True, with_secon
 
 
 def classify_units(units, model, threshold=0.5, batch_size=16, nproc=1, progress=None, device="cpu",
-                   optimise=True, network=None, hot_pixels=None):
+                   optimise=True, network=None, hot_pixels=None, network_in_workers=True):
     """Classify ``units`` (from :func:`image_units`) with a :class:`~dials_cnn.model.ScreeningModel`.
 
     ``optimise=False`` is the straightforward path (whole flat image, plain network), kept to check
     that the fast path gives the same predictions. ``network``: the model's network already made by
     :func:`inference_network` for ``device`` (callers classifying many small batches reuse it).
-    ``hot_pixels``: pixels to mask as well (:func:`find_run_hot_pixels`).
+    ``hot_pixels``: pixels to mask as well (:func:`find_run_hot_pixels`). ``network_in_workers=False``
+    keeps the network in this process even on the CPU with ``nproc`` > 1 (for hooks on it).
     """
     keep_freed_memory()
     device = resolve_device(device) if isinstance(device, str) else device
@@ -497,7 +498,7 @@ def classify_units(units, model, threshold=0.5, batch_size=16, nproc=1, progress
         batch_positions.clear()
 
     # On the CPU with worker processes, the workers run the network too (prepared_inputs).
-    in_workers = device.type == "cpu" and nproc > 1 and len(units) >= 2
+    in_workers = network_in_workers and device.type == "cpu" and nproc > 1 and len(units) >= 2
     t = time.perf_counter()
     inputs = prepared_inputs(units, params, nproc, crop_only=optimise, with_seconds=True, hot=hot_pixels,
                              network=network if in_workers else None, memory_format=memory_format)

@@ -273,7 +273,9 @@ def classify_with_features(units, model, threshold=0.5, batch_size=16, nproc=1):
         lambda module, inputs, output: captured.append(inputs[0].detach().to(torch.float32).numpy().copy())
     )
     try:
-        classification = classify_units(units, model, threshold=threshold, batch_size=batch_size, nproc=nproc)
+        # the hook is in this process: the workers only read and preprocess
+        classification = classify_units(units, model, threshold=threshold, batch_size=batch_size, nproc=nproc,
+                                        network_in_workers=False)
     finally:
         handle.remove()
     ok = [k for k, record in enumerate(classification.records) if record.decision != "error"]

@@ -122,6 +122,18 @@ def test_saliency_and_tsne(evaluated):
     assert tsne["n_features"] == 16  # spotnet: mean and max of the last 8 channels
 
 
+def test_features_are_captured_with_worker_processes_too(evaluated):
+    """With nproc > 1 the classification scores in its workers; the t-SNE's features must still come
+    back, the same as in one process."""
+    _, _, experiments, model, _ = evaluated
+    units = image_units(experiments)
+    one, features_one = report.classify_with_features(units, model, nproc=1)
+    two, features_two = report.classify_with_features(units, model, nproc=2)
+    assert features_two.shape == features_one.shape == (10, 16)
+    np.testing.assert_allclose(features_two, features_one, atol=1e-5)
+    assert [r.decision for r in two.records] == [r.decision for r in one.records]
+
+
 class _Cells(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
