@@ -215,7 +215,8 @@ def build(output=DEFAULT_MODEL_PATH, architecture="spotcount", scale=1.0, epochs
           batch_size=32, seed=2018, nproc=2, margin=32, preprocess=None, cache=None, log=print,
           architecture_kwargs=None):
     """Simulate, train and test the default model; write it to ``output`` with its metrics.
-    ``architecture_kwargs`` add to (or replace) those that fit the architecture to the preprocessing."""
+    ``architecture_kwargs`` add to (or replace) those that fit the architecture to the preprocessing;
+    spotcount's context layers are the default model's unless they say otherwise."""
     import torch
 
     from dials_cnn.training import TrainingRecipe, split_indices, train
@@ -223,13 +224,15 @@ def build(output=DEFAULT_MODEL_PATH, architecture="spotcount", scale=1.0, epochs
     preprocess = preprocess or default_preprocess()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)  # before an hour of work, not after
     sources = default_sources(scale)
-    log(f"Default model: {architecture} {architecture_kwargs or ''}, preprocessing {preprocess}")
-    log(f"Sources: " + ", ".join(f"{s.name} {s.n_train}+{s.n_test}" for s in sources))
-    started = time.time()
     from dials_cnn.model import ARCHITECTURES, architecture_defaults
 
     map_stride = getattr(ARCHITECTURES[architecture], "stride", None)  # counting networks learn from spot maps
-    architecture_kwargs = {**architecture_defaults(architecture, preprocess), **(architecture_kwargs or {})}
+    recipe_kwargs = {"dilations": list(CONTEXT_DILATIONS["default"])} if architecture == "spotcount" else {}
+    architecture_kwargs = {**architecture_defaults(architecture, preprocess), **recipe_kwargs,
+                           **(architecture_kwargs or {})}
+    log(f"Default model: {architecture} {architecture_kwargs}, preprocessing {preprocess}")
+    log(f"Sources: " + ", ".join(f"{s.name} {s.n_train}+{s.n_test}" for s in sources))
+    started = time.time()
     data = simulate_inputs(sources, "train", seed, preprocess, margin, nproc, log, cache, map_stride)
     test_set = simulate_inputs(sources, "test", seed, preprocess, margin, nproc, log, cache, map_stride)
     log(f"Simulated and preprocessed {len(data) + len(test_set)} stills in {time.time() - started:.0f} s")
@@ -297,8 +300,9 @@ def main(argv=None):
 
         architecture, preprocess = "ke2018", KE2018
     dilations = args.dilations or CONTEXT_DILATIONS[args.model]
-    build(args.output or SHIPPED_MODELS[args.model], architecture, args.scale, args.epochs, args.batches_per_epoch, args.batch_size,
-          args.seed, args.nproc, preprocess=preprocess, cache=args.cache, log=lambda line: print(line, flush=True),
+    build(args.output or SHIPPED_MODELS[args.model], architecture, args.scale, args.epochs,
+          args.batches_per_epoch, args.batch_size, args.seed, args.nproc, preprocess=preprocess, cache=args.cache,
+          log=lambda line: print(line, flush=True),
           architecture_kwargs={"dilations": list(dilations)} if architecture == "spotcount" else None)
 
 
