@@ -41,7 +41,8 @@ def zscore(images, min_std=0.0):
     ``min_std`` (in the image's counts) bounds the divisor from below. On a sparse photon-counting
     image (0.01 photons per pixel) the std is ~0.1 count, so with LCN's floor of one global std a single
     photon stands 6.5 above its window, nearly as high as a Bragg spot of a dozen photons; a floor of one
-    count puts it at ~1 and the spot at ~7. Where the std is above ``min_std`` nothing changes."""
+    count puts the photon at ~1 and the spot's peak at a few (~3 on simulated Eiger stills). Where the
+    std is above ``min_std`` nothing changes."""
     x = images if images.dim() == 3 else images.unsqueeze(0)
     n = x.shape[0]
     flat = x.reshape(n, -1)
