@@ -299,13 +299,14 @@ def write_smv(path, image, pixel_mm, distance_mm, wavelength_A, beam_centre_px, 
     path.write_bytes(header + np.clip(image, 0, 65535).astype(dtype).tobytes())
 
 
-def test_smv_files_are_read_straight_from_the_file_with_the_pixels_dxtbx_reads(tmp_path):
+def test_smv_files_are_read_straight_from_the_file_with_the_pixels_dxtbx_reads(tmp_path, monkeypatch):
     """Uncompressed SMV (both byte orders) is cut from the file directly, 70x faster than dxtbx's own
     reader; a gzipped one goes through dxtbx. Same pixels, same network inputs either way."""
     import gzip
 
     from dials_cnn.classify import _SMVCutReader, image_units, prepared_inputs
 
+    monkeypatch.chdir(tmp_path)  # dials.import writes its log here
     rng = np.random.default_rng(5)
     preset = presets.get_preset("LN84")
     paths = []
