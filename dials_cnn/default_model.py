@@ -43,12 +43,14 @@ CONTEXT_DILATIONS = {"default": (2, 4), "fast": (2,)}
 
 
 def shipped_model_path(model=None):
-    """The file of ``model``: a path as given, or a shipped model's name (None: "default")."""
+    """The file of ``model``: a path as given, or a shipped model's name (None: "default"). A file of
+    that name in the working directory wins; a folder of that name (e.g. an output folder) does not."""
     if model is None:
         return DEFAULT_MODEL_PATH
-    if model in SHIPPED_MODELS and not os.path.exists(model):
+    if model in SHIPPED_MODELS and not os.path.isfile(model):
         return SHIPPED_MODELS[model]
     return model
+
 
 logger = logging.getLogger("dials_cnn.default_model")
 

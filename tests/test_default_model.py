@@ -90,3 +90,5 @@ def test_shipped_models_are_named_and_files_win(tmp_path, monkeypatch):
     assert default_model.shipped_model_path("endstation.pt") == "endstation.pt"
     (tmp_path / "fast").write_bytes(b"")
     assert default_model.shipped_model_path("fast") == "fast"
+    (tmp_path / "default").mkdir()  # an output folder of that name is not a model file
+    assert default_model.shipped_model_path("default") == default_model.DEFAULT_MODEL_PATH
