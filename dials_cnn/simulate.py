@@ -471,7 +471,7 @@ def randomised_preset(base, rng):
         water_ring=(0.0, background * shares[2] * 2.0) if rng.random() < 0.8 else (0.0, 0.0),
         water_ring_d_A=(3.0, 3.5),
         water_ring_grain=rng.uniform(0.0, 0.4) if family == "cspad" else rng.uniform(0.0, 0.15),
-        jet_streak_probability=0.5,  # at any angle: half the shots, or the network learns only the presets' ones
+        jet_streak_probability=0.25,
         jet_streak_angle_deg=rng.uniform(-90.0, 90.0),
         kapton_probability=0.25,
         kapton_transmission=(0.6, 0.95),
