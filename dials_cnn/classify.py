@@ -245,7 +245,7 @@ class _LayoutCutReader:
 class _SMVCutReader:
     """Reads just a region of an uncompressed 16-bit SMV image (ADSC, Rayonix and Hamamatsu SMV,
     Rigaku, nanoBragg's ``FormatSMVJHSim`` ...) straight from the file. dxtbx's ``FormatSMV`` reads
-    the pixels through its file cache in thousands of small pieces: 72 ms for a 1700^2 image, against
+    the pixels through its file cache in thousands of small pieces: 50-70 ms for a 1700^2 image, against
     ~1 ms for the rows a 1024^2 cut needs. Only formats whose ``get_raw_data`` is the stock one (the
     stored array as it is) and files of exactly header + pixels (not gzipped) are read this way."""
 
