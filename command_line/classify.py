@@ -16,6 +16,7 @@ from dials_cnn.classify import (
     DeviceError, classify_units, classify_units_mpi, find_run_hot_pixels, image_units, resolve_device,
 )
 from dials_cnn.command_line.train import match_annotations
+from dials_cnn.decision import NEAR_THRESHOLD
 from dials_cnn.default_model import shipped_model_path
 from dials_cnn.evaluation import binary_agreement, format_three_class, three_class_confusion
 from dials_cnn.live import LiveClassifier
@@ -187,6 +188,10 @@ def log_summary(classification, threshold):
     logger.info("\n" + tabulate(rows, headers=["class / decision", "images"]))
     if summary["hit_rate"] is not None:
         logger.info("Hit rate: %.1f %%", 100 * summary["hit_rate"])
+    if summary["near_threshold_misses"]:
+        lower = max(threshold - NEAR_THRESHOLD, 0.0)
+        logger.info("%d vetoed image(s) within %g of the threshold (P(HIT)+P(MAYBE) > %g): threshold=%g keeps "
+                    "them, at the cost of more misses", summary["near_threshold_misses"], NEAR_THRESHOLD, lower, lower)
 
 
 def log_timing(classification):

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import torch
 
-from dials_cnn.decision import argmax_classes, hit_decisions
+from dials_cnn.decision import argmax_classes, hit_decisions, near_threshold_misses
 from dials_cnn.hot_pixels import MIN_IMAGES, detector_key, find_hot_pixels, mask_hot_pixels, sampled_bright_pixels
 from dials_cnn.model import CLASS_NAMES
 from dials_cnn.preprocess import input_region, prepare
@@ -72,6 +72,8 @@ class Classification:
                 counts[record.predicted_class] += 1
         classified = decisions["Hit"] + decisions["Miss"]
         total = self.seconds.get("total", 0.0)
+        scored = [r.probabilities for r in self.records if r.probabilities is not None]
+        near = int(near_threshold_misses(np.reshape(scored, (-1, 3)), self.threshold).sum())
         return {
             "images": len(self.records),
             "classified": classified,
@@ -81,6 +83,8 @@ class Classification:
             "misses": decisions["Miss"],
             "hit_rate": decisions["Hit"] / classified if classified else None,
             "threshold": self.threshold,
+            # vetoed with P(HIT)+P(MAYBE) in (threshold - NEAR_THRESHOLD, threshold]
+            "near_threshold_misses": near,
             "seconds": dict(self.seconds),
             "images_per_second": len(self.records) / total if total > 0 else None,
         }

@@ -22,6 +22,18 @@ def hit_decisions(probabilities, threshold=0.5):
     return hit_probability(probabilities) > threshold
 
 
+#: how far below the threshold a vetoed image counts as near it (the summary says how many there are)
+NEAR_THRESHOLD = 0.2
+
+
+def near_threshold_misses(probabilities, threshold=0.5):
+    """Bool per image: vetoed, but with P(HIT) + P(MAYBE) within :data:`NEAR_THRESHOLD` of the
+    threshold. On stills unlike the training data (another simulator's) the probabilities of real
+    hits sat lower: these are the images a lower threshold would keep first."""
+    p = hit_probability(probabilities)
+    return (p <= threshold) & (p > max(threshold - NEAR_THRESHOLD, 0.0))
+
+
 def decision_labels(probabilities, threshold=0.5):
     """"Hit" / "Miss" per image."""
     return np.where(hit_decisions(probabilities, threshold), "Hit", "Miss")

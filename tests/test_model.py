@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dials_cnn.decision import argmax_classes, decision_labels, hit_decisions, hit_probability
+from dials_cnn.decision import argmax_classes, decision_labels, hit_decisions, hit_probability, near_threshold_misses
 from dials_cnn.model import (
     ARCHITECTURES, MODEL_FORMAT_VERSION, ModelError, build_network, load_model, save_model,
 )
@@ -118,6 +118,10 @@ def test_decisions():
     assert hit_decisions(p, threshold=0.4).tolist() == [True, False, True]
     assert decision_labels(p).tolist() == ["Hit", "Miss", "Miss"]
     assert argmax_classes(p).tolist() == ["MISS", "MISS", "MISS"]
+    # vetoed within NEAR_THRESHOLD (0.2) below the threshold: the ones a lower threshold keeps first
+    assert near_threshold_misses(p).tolist() == [False, False, True]
+    assert near_threshold_misses(p, threshold=0.1).tolist() == [False, False, False]
+    assert near_threshold_misses(p, threshold=0.7).tolist() == [True, False, False]
 
 
 def test_spotcount_counts_spots_in_the_window_and_applies_the_experts_rule():

@@ -98,6 +98,26 @@ def test_every_image_once_including_an_unreadable_one(run_dir, tmp_path, monkeyp
     assert not list(tmp_path.joinpath("out").glob(".*.tmp"))  # atomic writes leave nothing behind
 
 
+def test_summary_counts_the_vetoed_images_near_the_threshold(run_dir, tmp_path, monkeypatch, caplog):
+    """The images a lower threshold would keep first are counted, and the log says which threshold."""
+    from dials_cnn.decision import NEAR_THRESHOLD
+
+    directory, paths, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    import_stills(paths, "imported.expt")
+    model = f"model={directory / 'model.pt'}"
+    classify_command.run(["imported.expt", model, "output.directory=first"])
+    p = sorted(float(r["p_hit"]) + float(r["p_maybe"]) for r in read_csv(tmp_path / "first" / "cnn_classification.csv"))
+    threshold = min(p[len(p) // 2] + 0.01, 0.99)  # at least one image just below it
+    near = sum(threshold - NEAR_THRESHOLD < q <= threshold for q in p)
+    with caplog.at_level("INFO"):
+        classify_command.run(["imported.expt", model, f"threshold={threshold}", "output.directory=second"])
+    summary = json.loads((tmp_path / "second" / "cnn_classification.json").read_text())["summary"]
+    assert near >= 1 and summary["near_threshold_misses"] == near
+    assert f"{near} vetoed image(s) within {NEAR_THRESHOLD:g} of the threshold" in caplog.text
+    assert f"threshold={max(threshold - NEAR_THRESHOLD, 0):g} keeps them" in caplog.text
+
+
 def test_hits_expt_feeds_dials_find_spots(run_dir, tmp_path, monkeypatch):
     from dials.command_line.find_spots import run as find_spots
 
