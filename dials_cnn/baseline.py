@@ -112,8 +112,9 @@ def spotfinder_diff(preset=None, overrides=()):
 @dataclasses.dataclass
 class SpotCounts:
     keys: list  # (path, 0-based index in file) per image, in input order
-    counts: np.ndarray  # strong spots per image
+    counts: np.ndarray  # strong spots per image (0 where spot finding failed)
     seconds: float  # wall time of spot finding
+    failed: dict = dataclasses.field(default_factory=dict)  # position in the input -> why spot finding failed
 
     @property
     def images_per_second(self):
@@ -134,11 +135,19 @@ def _first_sentence(error):
     return text.split(". ")[0]
 
 
+#: spot finding failing on more than this share of the images means its parameters do not fit the
+#: detector (one clear error); on fewer, those images count as no spots and are listed
+MAX_FAILED_FRACTION = 0.5
+
+
 def count_spots(units, params):
     """Strong spots on each image of ``units`` (from :func:`dials_cnn.classify.image_units`).
 
     Spot finding runs once per imageset, as ``dials.find_spots`` does; a spot belongs to the image
-    its centroid z falls on (for stills every image is its own frame).
+    its centroid z falls on (for stills every image is its own frame). Where it fails (DIALS refuses
+    an image with more strong pixels than it allows: an ice ring, a detector glitch) the images count
+    as no spots, as a spot-count veto would drop them, and :attr:`SpotCounts.failed` says why; on
+    more than :data:`MAX_FAILED_FRACTION` of them, :class:`BaselineError`.
     """
     from dials.array_family import flex
     from dxtbx.imageset import ImageSequence
@@ -149,6 +158,7 @@ def count_spots(units, params):
     for k, unit in enumerate(units):
         by_imageset.setdefault(id(unit.imageset), (unit.imageset, []))[1].append(k)
     counts = np.zeros(len(units), dtype=np.int64)
+    failed = {}
     started = time.time()
     for imageset, members in by_imageset.values():
         experiments = ExperimentList(
@@ -157,11 +167,9 @@ def count_spots(units, params):
         try:
             reflections = flex.reflection_table.from_observations(experiments, params, is_stills=True)
         except RuntimeError as error:  # e.g. more strong pixels than max_strong_pixel_fraction allows
-            raise BaselineError(
-                f"{imageset.get_path(0)}: dials.find_spots failed ({_first_sentence(error)}). Its parameters do "
-                "not fit this detector: pass baseline.preset=<one of "
-                f"{', '.join(sorted(PRESETS))}> or set spotfinder.threshold.dispersion.gain=<ADU per photon>"
-            ) from None
+            failed.update((k, f"{imageset.get_path(0)}: dials.find_spots failed ({_first_sentence(error)})")
+                          for k in members)
+            continue
         # z of a still is its index in the file (a slice of a multi-image file keeps it); z of a
         # sequence is in the scan's array range
         if isinstance(imageset, ImageSequence):
@@ -177,4 +185,9 @@ def count_spots(units, params):
         for k in members:
             counts[k] = per_position[units[k].position]
     seconds = time.time() - started
-    return SpotCounts([(u.path, u.file_index) for u in units], counts, seconds)
+    if len(failed) > MAX_FAILED_FRACTION * len(units):
+        raise BaselineError(
+            f"{next(iter(failed.values()))}, and on {len(failed) - 1} more of {len(units)} images. Its parameters do "
+            f"not fit this detector: pass baseline.preset=<one of {', '.join(sorted(PRESETS))}> or set "
+            "spotfinder.threshold.dispersion.gain=<ADU per photon>")
+    return SpotCounts([(u.path, u.file_index) for u in units], counts, seconds, failed)

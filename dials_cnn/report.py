@@ -780,8 +780,14 @@ def evaluate(units, annotation_files, models, threshold=0.5, baseline_params=Non
             spot_counts[keep] = counted.counts
             log(f"  dials.find_spots: {len(keep)} images in {counted.seconds:.2f} s "
                 f"({counted.images_per_second:.1f} images/s)")
+            if counted.failed:
+                log(f"  dials.find_spots failed on {len(counted.failed)} image(s), counted as no spots (Miss):\n"
+                    + "\n".join(f"    {why}" for why in counted.failed.values()))
         rows = image_rows(run_units, expert, classifications, spot_counts,
                           baseline["threshold"] if baseline else None, threshold)
+        if baseline is not None:
+            for position, why in counted.failed.items():
+                rows[keep[position]]["spot_finding_error"] = why
         for k in errors:
             rows[k].pop("spots", None)
             rows[k].pop("baseline_decision", None)

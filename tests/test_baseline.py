@@ -128,3 +128,34 @@ def test_a_spot_finder_that_does_not_fit_the_detector_is_one_clear_error(small_r
     message = str(raised.value)
     assert str(h5) in message and "baseline.preset=" in message and "dials-support" not in message
     assert "\n" not in message
+
+
+def test_an_image_spot_finding_refuses_counts_as_no_spots_and_is_listed(tmp_path):
+    """One image with more strong pixels than DIALS allows (an ice ring, a glitch) must not end the
+    comparison: it counts as no spots, and the baseline says which and why; the others are counted."""
+    from dxtbx.format.FormatCBFMini import FormatCBFMini
+    from dxtbx.model import BeamFactory, DetectorFactory
+
+    rng = np.random.default_rng(4)
+    detector = DetectorFactory.simple("PAD", 100.0, (17.2, 17.2), "+x", "-y", (0.172, 0.172), (200, 200), (-1, 1e6))
+    paths = []
+    for k in range(3):
+        data = rng.poisson(1.0, (200, 200)).astype(np.int32)
+        if k == 1:
+            data = rng.integers(0, 60000, (200, 200)).astype(np.int32)  # every pixel "strong"
+        else:
+            for y, x in rng.integers(20, 180, (12, 2)):
+                data[y - 1 : y + 2, x - 1 : x + 2] += 200  # bright 3x3 spots
+        paths.append(str(tmp_path / f"still_{k + 1:04d}.cbf"))
+        FormatCBFMini.as_file(detector, BeamFactory.simple(1.0), None, None, flex.int(data), paths[-1])
+    experiments = ExperimentList()
+    for path in paths:  # one still per file, as dials.import makes them
+        experiments.extend(ExperimentListFactory.from_filenames([path]))
+    units = image_units(experiments)
+    counted = baseline.count_spots(units, baseline.spotfinder_params())
+    assert list(counted.failed) == [1] and paths[1] in counted.failed[1]
+    assert "greater than the maximum allowed" in counted.failed[1]
+    assert counted.counts[1] == 0 and counted.counts[0] >= 10 and counted.counts[2] >= 10
+    # the same spot finder on most images refused: its parameters do not fit, one clear error
+    with pytest.raises(baseline.BaselineError, match=r"and on 1 more of 3 images\. Its parameters do not fit"):
+        baseline.count_spots([units[1], units[1], units[0]], baseline.spotfinder_params())
