@@ -186,8 +186,9 @@ def count_spots(units, params):
             counts[k] = per_position[units[k].position]
     seconds = time.time() - started
     if len(failed) > MAX_FAILED_FRACTION * len(units):
+        more = f", and on {len(failed) - 1} more of {len(units)} images" if len(failed) > 1 else ""
         raise BaselineError(
-            f"{next(iter(failed.values()))}, and on {len(failed) - 1} more of {len(units)} images. Its parameters do "
-            f"not fit this detector: pass baseline.preset=<one of {', '.join(sorted(PRESETS))}> or set "
+            f"{next(iter(failed.values()))}{more}. Its parameters do not fit this detector: pass "
+            f"baseline.preset=<one of {', '.join(sorted(PRESETS))}> or set "
             "spotfinder.threshold.dispersion.gain=<ADU per photon>")
     return SpotCounts([(u.path, u.file_index) for u in units], counts, seconds, failed)
