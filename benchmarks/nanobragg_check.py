@@ -421,11 +421,10 @@ def find_spots(detector_dir, gains):
     counts, aborted = {}, {}
     for unit in units:
         params = baseline.spotfinder_params(overrides=[f"spotfinder.threshold.dispersion.gain={gains[unit.path]}"])
-        try:
-            counts[unit.path] = int(baseline.count_spots([unit], params).counts[0])
-        except baseline.BaselineError as error:
-            counts[unit.path] = 0
-            aborted[unit.path] = str(error).split(" failed (", 1)[-1].split("). Its parameters")[0]
+        counted = baseline.count_spots([unit], params, max_failed_fraction=1.0)  # a refused image: 0 spots
+        counts[unit.path] = int(counted.counts[0])
+        if counted.failed:
+            aborted[unit.path] = counted.failed[0].split(" failed (", 1)[-1][:-1]
     with open(os.path.join(detector_dir, "find_spots.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["file", "n_spots", "aborted"])

@@ -140,14 +140,14 @@ def _first_sentence(error):
 MAX_FAILED_FRACTION = 0.5
 
 
-def count_spots(units, params):
+def count_spots(units, params, max_failed_fraction=MAX_FAILED_FRACTION):
     """Strong spots on each image of ``units`` (from :func:`dials_cnn.classify.image_units`).
 
     Spot finding runs once per imageset, as ``dials.find_spots`` does; a spot belongs to the image
     its centroid z falls on (for stills every image is its own frame). Where it fails (DIALS refuses
     an image with more strong pixels than it allows: an ice ring, a detector glitch) the images count
     as no spots, as a spot-count veto would drop them, and :attr:`SpotCounts.failed` says why; on
-    more than :data:`MAX_FAILED_FRACTION` of them, :class:`BaselineError`.
+    more than ``max_failed_fraction`` of them (1: never), :class:`BaselineError`.
     """
     from dials.array_family import flex
     from dxtbx.imageset import ImageSequence
@@ -185,7 +185,7 @@ def count_spots(units, params):
         for k in members:
             counts[k] = per_position[units[k].position]
     seconds = time.time() - started
-    if len(failed) > MAX_FAILED_FRACTION * len(units):
+    if len(failed) > max_failed_fraction * len(units):
         more = f", and on {len(failed) - 1} more of {len(units)} images" if len(failed) > 1 else ""
         raise BaselineError(
             f"{next(iter(failed.values()))}{more}. Its parameters do not fit this detector: pass "

@@ -773,21 +773,21 @@ def evaluate(units, annotation_files, models, threshold=0.5, baseline_params=Non
                 f"({len(run_units) / seconds if seconds > 0 else float('inf'):.1f} images/s)")
         errors = {k for c in classifications.values() for k, r in enumerate(c.records) if r.decision == "error"}
         keep = [k for k in range(len(run_units)) if k not in errors]
-        spot_counts = None
+        spot_counts, spot_finding_failed = None, {}
         if baseline is not None:
             counted = count_spots([run_units[k] for k in keep], baseline_params)
             spot_counts = np.zeros(len(run_units), dtype=np.int64)
             spot_counts[keep] = counted.counts
             log(f"  dials.find_spots: {len(keep)} images in {counted.seconds:.2f} s "
                 f"({counted.images_per_second:.1f} images/s)")
+            spot_finding_failed = counted.failed
             if counted.failed:
                 log(f"  dials.find_spots failed on {len(counted.failed)} image(s), counted as no spots (Miss):\n"
                     + "\n".join(f"    {why}" for why in counted.failed.values()))
         rows = image_rows(run_units, expert, classifications, spot_counts,
                           baseline["threshold"] if baseline else None, threshold)
-        if baseline is not None:
-            for position, why in counted.failed.items():
-                rows[keep[position]]["spot_finding_error"] = why
+        for position, why in spot_finding_failed.items():
+            rows[keep[position]]["spot_finding_error"] = why
         for k in errors:
             rows[k].pop("spots", None)
             rows[k].pop("baseline_decision", None)
