@@ -24,6 +24,7 @@ either labelling: ROC AUC of P(HIT) + P(MAYBE) 0.976 / 0.973 (image / expected l
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -127,11 +128,23 @@ def _make_input(job):
     return source_index, x.astype(np.float16), spot_map, still.truth["label"], still.family
 
 
+def _simulator_fingerprint():
+    """A digest of the simulator's code: a cache drawn by other simulator code is not reused."""
+    from dials_cnn import presets, simulate
+
+    digest = hashlib.sha1()
+    for module in (simulate, presets):
+        with open(module.__file__, "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
 def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=None, map_stride=None):
     """Simulate and preprocess the ``which`` ("train" or "test") stills of every source; with
     ``map_stride``, also their spot maps (:mod:`dials_cnn.spot_targets`) at that stride.
 
-    With ``cache`` (a folder), the arrays are kept there and reused when the same recipe asks again.
+    With ``cache`` (a folder), the arrays are kept there and reused when the same recipe asks again
+    with the same simulator code.
     """
     from dials_cnn.model import CLASS_NAMES
     from dials_cnn.training import DataSet
@@ -140,9 +153,7 @@ def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=
         from dials_cnn.spot_targets import TARGET_VERSION
 
         key = json.dumps([which, seed, margin, preprocess.to_dict(), [dataclasses.astuple(s) for s in sources],
-                          map_stride] + ([TARGET_VERSION] if map_stride else []))
-        import hashlib
-
+                          map_stride, _simulator_fingerprint()] + ([TARGET_VERSION] if map_stride else []))
         stem = os.path.join(cache, f"{which}-{hashlib.sha1(key.encode()).hexdigest()[:12]}")
         if os.path.exists(stem + ".npz"):
             log(f"  {which}: reusing {stem}.npz")

@@ -92,3 +92,19 @@ def test_shipped_models_are_named_and_files_win(tmp_path, monkeypatch):
     assert default_model.shipped_model_path("fast") == "fast"
     (tmp_path / "default").mkdir()  # an output folder of that name is not a model file
     assert default_model.shipped_model_path("default") == default_model.DEFAULT_MODEL_PATH
+
+
+def test_simulated_inputs_are_reused_only_for_the_same_recipe_and_simulator(tmp_path, monkeypatch):
+    sources = [default_model.Source("LO19", False, 0, 2)]
+    params = default_model.default_preprocess()
+    logged = []
+    first = default_model.simulate_inputs(sources, "test", 5, params, 0, 1, logged.append, cache=str(tmp_path))
+    again = default_model.simulate_inputs(sources, "test", 5, params, 0, 1, logged.append, cache=str(tmp_path))
+    assert any("reusing" in line for line in logged)
+    assert np.array_equal(first.inputs, again.inputs) and list(first.labels) == list(again.labels)
+    # after a change to the simulator's code the stills are drawn again, into a cache file of their own
+    monkeypatch.setattr(default_model, "_simulator_fingerprint", lambda: "other simulator code")
+    logged.clear()
+    default_model.simulate_inputs(sources, "test", 5, params, 0, 1, logged.append, cache=str(tmp_path))
+    assert not any("reusing" in line for line in logged)
+    assert len(list(tmp_path.glob("test-*.npz"))) == 2
