@@ -79,6 +79,10 @@ class Preset:
     kapton_probability: float = 0.0
     kapton_transmission: Tuple[float, float] = (0.7, 0.9)
     kapton_angle_deg: float = 90.0  # edge direction of the shadowed half-plane
+    # frozen samples: sharp powder rings of hexagonal ice (3.90, 3.67, 3.44, 2.67, 2.25 ... Å)
+    ice_ring_probability: float = 0.0
+    ice_ring_photons: Tuple[float, float] = (0.05, 30.0)  # photons per pixel on the strongest ring
+    ice_ring_width: Tuple[float, float] = (0.0008, 0.004)  # Gaussian sigma in 1/d (1/Å)
     # CSPAD specifics
     asic_border_excess: float = 0.0  # extra signal of the double pixel lines between ASICs
     common_mode_sigma_adu: float = 0.0  # per-ASIC residual offset after dark subtraction
@@ -312,7 +316,8 @@ def check_preset(preset):
     if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
         problems.append("class_fractions needs three non-negative numbers (HIT, MAYBE, MISS)")
     for name in ("miss_weak_crystal_fraction", "blank_fraction", "sample_miss_fraction",
-                 "jet_streak_probability", "kapton_probability", "multi_lattice_probability"):
+                 "jet_streak_probability", "kapton_probability", "multi_lattice_probability",
+                 "ice_ring_probability"):
         value = getattr(preset, name)
         if not 0.0 <= value <= 1.0:
             problems.append(f"{name} must lie in [0, 1], got {value}")
@@ -321,6 +326,10 @@ def check_preset(preset):
         low, high = getattr(preset, name)
         if low < 0 or high < low:
             problems.append(f"{name} must be a (low, high) range with 0 <= low <= high, got {(low, high)}")
+    for name in ("ice_ring_photons", "ice_ring_width"):
+        low, high = getattr(preset, name)
+        if not 0 < low <= high:
+            problems.append(f"{name} must be a (low, high) range with 0 < low <= high, got {(low, high)}")
     if min(preset.resolution_limit_A) < 0.8:
         problems.append("resolution_limit_A below 0.8 A is not supported")
     if problems:

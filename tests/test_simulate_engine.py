@@ -204,6 +204,47 @@ def test_randomise_spans_families_classes_and_cells():
     assert min(cells) < 120 and max(cells) > 150
 
 
+def test_randomise_draws_nanocrystals_whose_spots_are_broad():
+    shots = [simulate.sample_shot("LN84", simulate.image_rng(31, i), randomise=True) for i in range(80)]
+    sizes = np.array([c.domain_size_A for shot in shots for c in shot.crystals])
+    # other simulators draw crystals of a few dozen cells; the sharp-spot majority stays
+    assert 0.1 < np.mean(sizes < 500) < 0.5 and sizes.max() > 5000
+    shot = next(s for s in shots if s.crystals and s.crystals[0].domain_size_A < 500)
+    large = dataclasses.replace(shot, crystals=[dataclasses.replace(c, domain_size_A=20000.0) for c in shot.crystals])
+    widths = []
+    for each in (shot, large):
+        geometry = simulate._Geometry(each)
+        spots = simulate.predict_reflections(each, each.crystals[0], geometry)
+        radial, tangential = simulate._spot_sigmas(each, [each.crystals[0]] * spots["x"].size, spots, geometry)
+        widths.append((np.median(radial), np.median(tangential), spots["x"].size))
+    (radial_nano, tangential_nano, n_nano), (radial_large, tangential_large, n_large) = widths
+    assert tangential_nano > 1.5 * tangential_large and radial_nano > radial_large
+    assert n_nano > n_large  # small domains also widen the acceptance: more partial reflections
+
+
+def test_ice_rings_lie_at_the_ice_spacings_dxtbx_computes_and_only_randomised_shots_have_them():
+    randomised = [simulate.sample_shot("LO19", simulate.image_rng(41, i), randomise=True) for i in range(100)]
+    assert 5 <= sum(bool(s.ice_rings) for s in randomised) <= 30
+    assert not any(simulate.sample_shot(name, simulate.image_rng(41, i)).ice_rings
+                   for name in presets.PRESETS for i in range(20))
+    shot, rng = first_shot("LO19", 41, lambda s: s.family == "rayonix" and s.pulse and s.sample_in_beam and not s.kapton,
+                           randomise=True)
+    shot = dataclasses.replace(shot, ice_rings=(50.0, 0.002, 0.0), jet_streak=None)
+    assert "ice_rings" in shot.artefacts
+    still = simulate.simulate_still(shot, rng)
+    detector, beam = simulate.detector_and_beam(shot)
+    panel, s0 = detector[0], beam.get_s0()
+    pixels = np.random.default_rng(0).integers(0, shot.image_shape, size=(40000, 2))
+    inverse_d = np.array([1 / panel.get_resolution_at_pixel(s0, (float(x) + 0.5, float(y) + 0.5)) for y, x in pixels])
+    values = still.image[pixels[:, 0], pixels[:, 1]].astype(float)
+    good = still.mask[pixels[:, 0], pixels[:, 1]]
+    on_ring = good & (np.abs(inverse_d - 1 / 3.897) < 0.001)
+    between = good & (np.abs(inverse_d - (1 / 3.897 + 1 / 3.669) / 2) < 0.001)  # 4 sigma from either ring
+    assert on_ring.sum() > 20 and between.sum() > 20
+    photons = (values - shot.pedestal_adu) / shot.adu_per_photon
+    assert np.median(photons[on_ring]) - np.median(photons[between]) > 10
+
+
 def test_preset_errors_name_the_problem():
     with pytest.raises(presets.PresetError, match="unknown preset 'L999'"):
         presets.get_preset("L999")
@@ -211,6 +252,8 @@ def test_preset_errors_name_the_problem():
         presets.override(presets.get_preset("LO19"), gain=-1.0)
     with pytest.raises(presets.PresetError, match="unknown preset parameter 'gian'"):
         presets.override(presets.get_preset("LO19"), gian=1.0)
+    with pytest.raises(presets.PresetError, match="ice_ring_width must be a"):
+        presets.override(presets.get_preset("LO19"), ice_ring_width=(0.0, 0.01))
     with pytest.raises(presets.PresetError, match="water_ring needs 2 numbers"):
         presets.override(presets.get_preset("LO19"), water_ring=(1.0,))
 
