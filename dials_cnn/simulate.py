@@ -428,7 +428,8 @@ def _random_cell(rng):
 def _random_domain_sizes(rng):
     """The (low, high) mosaic domain sizes of a randomised preset, down to nanocrystals of a few dozen
     cells, whose spots are several pixels broad (as other simulators draw them): one shot in four
-    has domains below 500 Å. Up to 400 Å and above only, the network missed a third of such HITs."""
+    has domains below 500 Å. Trained on domains of 400 Å and more only, the default model missed a
+    third of the HITs with such spots."""
     low = _log_uniform(rng, 120.0, 3000.0)
     return low, low * _log_uniform(rng, 1.5, 12.0)
 
