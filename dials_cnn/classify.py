@@ -227,16 +227,18 @@ class _LayoutCutReader:
         1920^2 image: 1.4 ms, against 6.7 ms reading whole rows). None if the file is shorter."""
         itemsize = np.dtype(dtype).itemsize
         cut = np.empty((y1 - y0, x1 - x0), dtype=dtype)
+        row_bytes, beside_bytes = (x1 - x0) * itemsize, (width - (x1 - x0)) * itemsize
         beside = memoryview(np.empty(width - (x1 - x0), dtype=dtype)).cast("B")
-        buffers = []
-        for row in cut:
-            buffers += [memoryview(row).cast("B"), beside]
-        buffers.pop()  # nothing to read after the last row's part
+        whole = memoryview(cut).cast("B")
+        buffers = [None] * (2 * (y1 - y0) - 1)  # row, beside, row, ...: nothing after the last row's part
+        buffers[0::2] = [whole[k : k + row_bytes] for k in range(0, (y1 - y0) * row_bytes, row_bytes)]
+        buffers[1::2] = [beside] * (y1 - y0 - 1)
         position = offset + (y0 * width + x0) * itemsize
-        for start in range(0, len(buffers), IOV_MAX):
-            part = buffers[start : start + IOV_MAX]
-            wanted = sum(len(b) for b in part)
-            if os.preadv(self.fd, part, position) != wanted:
+        step = IOV_MAX - IOV_MAX % 2  # even: each part starts with a row
+        for start in range(0, len(buffers), step):
+            count = min(step, len(buffers) - start)
+            wanted = (count + 1) // 2 * row_bytes + count // 2 * beside_bytes
+            if os.preadv(self.fd, buffers[start : start + count], position) != wanted:
                 return None
             position += wanted
         return cut

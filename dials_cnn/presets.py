@@ -83,6 +83,13 @@ class Preset:
     ice_ring_probability: float = 0.0
     ice_ring_photons: Tuple[float, float] = (0.05, 30.0)  # photons per pixel on the strongest ring
     ice_ring_width: Tuple[float, float] = (0.0008, 0.004)  # Gaussian sigma in 1/d (1/Å)
+    # the beam stop's shadow (a disc round the beam and often the arm that holds it; synchrotron
+    # photon counters nearly always have one, unmasked at the time of collection)
+    beamstop_probability: float = 0.0
+    beamstop_radius_mm: Tuple[float, float] = (0.5, 4.0)  # log-uniform
+    beamstop_arm_probability: float = 0.7
+    beamstop_arm_width_mm: Tuple[float, float] = (0.3, 1.5)
+    beamstop_transmission: Tuple[float, float] = (0.003, 0.15)  # log-uniform: air scatter behind the stop
     # CSPAD specifics
     asic_border_excess: float = 0.0  # extra signal of the double pixel lines between ASICs
     common_mode_sigma_adu: float = 0.0  # per-ASIC residual offset after dark subtraction
@@ -317,7 +324,7 @@ def check_preset(preset):
         problems.append("class_fractions needs three non-negative numbers (HIT, MAYBE, MISS)")
     for name in ("miss_weak_crystal_fraction", "blank_fraction", "sample_miss_fraction",
                  "jet_streak_probability", "kapton_probability", "multi_lattice_probability",
-                 "ice_ring_probability"):
+                 "ice_ring_probability", "beamstop_probability", "beamstop_arm_probability"):
         value = getattr(preset, name)
         if not 0.0 <= value <= 1.0:
             problems.append(f"{name} must lie in [0, 1], got {value}")
@@ -326,7 +333,8 @@ def check_preset(preset):
         low, high = getattr(preset, name)
         if low < 0 or high < low:
             problems.append(f"{name} must be a (low, high) range with 0 <= low <= high, got {(low, high)}")
-    for name in ("ice_ring_photons", "ice_ring_width"):
+    for name in ("ice_ring_photons", "ice_ring_width", "beamstop_radius_mm", "beamstop_arm_width_mm",
+                 "beamstop_transmission"):
         low, high = getattr(preset, name)
         if not 0 < low <= high:
             problems.append(f"{name} must be a (low, high) range with 0 < low <= high, got {(low, high)}")

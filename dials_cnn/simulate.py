@@ -283,6 +283,8 @@ class Shot:
     low_gain_factor: float = 7.0
     shadowed_lower_asics: bool = False
     ice_rings: Optional[Tuple[float, float, float]] = None  # photons/pixel, sigma in 1/d, grain (0 smooth)
+    # radius_px, arm angle_deg, arm width_px (0: no arm), transmission, edge_px (penumbra)
+    beamstop: Optional[Tuple[float, float, float, float, float]] = None
     # the expert
     window_px: Tuple[int, int] = (945, 520)
     window_beam_fraction: float = 0.85
@@ -307,6 +309,8 @@ class Shot:
             names.append("kapton_shadow")
         if self.pulse and self.sample_in_beam and self.ice_rings:
             names.append("ice_rings")
+        if self.pulse and self.beamstop:
+            names.append("beamstop")
         if len(self.crystals) > 1:
             names.append("multiple_lattices")
         if self.family == "cspad" and self.asic_border_excess > 0:
@@ -434,6 +438,9 @@ def _random_domain_sizes(rng):
     return low, low * _log_uniform(rng, 1.5, 12.0)
 
 
+_BEAMSTOP_PROBABILITY = {"cspad": 0.1, "rayonix": 0.2, "pilatus": 0.5, "eiger": 0.5}
+
+
 def randomised_preset(base, rng):
     """A preset drawn well beyond ``base``: any detector family, 6-14 keV, cells 30-350 Å, gains
     0.1-20 ADU/photon, backgrounds from photon-counting near zero to strong, any artefacts, and
@@ -483,12 +490,14 @@ def randomised_preset(base, rng):
         water_ring=(0.0, background * shares[2] * 2.0) if rng.random() < 0.8 else (0.0, 0.0),
         water_ring_d_A=(3.0, 3.5),
         water_ring_grain=rng.uniform(0.0, 0.4) if family == "cspad" else rng.uniform(0.0, 0.15),
-        jet_streak_probability=0.25,
+        jet_streak_probability=0.45,
         jet_streak_angle_deg=rng.uniform(-90.0, 90.0),
         kapton_probability=0.25,
         kapton_transmission=(0.6, 0.95),
         kapton_angle_deg=rng.uniform(0.0, 180.0),
-        ice_ring_probability=0.15,  # frozen samples (fixed targets, cryo loops); the presets have none
+        ice_ring_probability=0.3,  # frozen samples (fixed targets, cryo loops); the presets have none
+        # the presets have none either; CSPADs have a hole round the beam, synchrotron counters a stop
+        beamstop_probability=_BEAMSTOP_PROBABILITY[family],
         asic_border_excess=rng.uniform(0.0, 2.0) if family == "cspad" else 0.0,
         common_mode_sigma_adu=rng.uniform(0.0, 3.0) * max(gain, 1.0) if family == "cspad" else 0.0,
         low_gain_d_A=float(rng.uniform(2.5, 5.0)) if family == "cspad" and rng.random() < 0.15 else None,
@@ -591,6 +600,17 @@ def sample_shot(preset, rng, randomise=False, vary_beam_centre=True):
         )
     solvent = _uniform(rng, preset.solvent_scatter) if sample_in_beam else 0.0
     ring = _uniform(rng, preset.water_ring) if sample_in_beam else 0.0
+    beamstop = None  # drawn last, and not at probability 0: every other parameter stays as it was
+    if pulse and preset.beamstop_probability > 0 and rng.random() < preset.beamstop_probability:
+        px = frame.pixel_size_mm
+        arm = rng.random() < preset.beamstop_arm_probability
+        beamstop = (
+            _log_uniform(rng, *preset.beamstop_radius_mm) / px,
+            float(rng.uniform(0.0, 360.0)),
+            _uniform(rng, preset.beamstop_arm_width_mm) / px if arm else 0.0,
+            _log_uniform(rng, *preset.beamstop_transmission),
+            float(rng.uniform(0.5, 3.0)),
+        )
     return Shot(
         preset=preset.name,
         family=preset.family,
@@ -623,6 +643,7 @@ def sample_shot(preset, rng, randomise=False, vary_beam_centre=True):
         jet_streak=jet_streak,
         kapton=kapton,
         ice_rings=ice_rings,
+        beamstop=beamstop,
         asic_border_excess=preset.asic_border_excess,
         common_mode_sigma_adu=preset.common_mode_sigma_adu,
         low_gain_d_A=preset.low_gain_d_A,
@@ -899,7 +920,8 @@ def _upsample2(coarse, shape):
 
 def _background(shot, rng, pools):
     """Expected photons per pixel from air, solvent and the water ring, after the Kapton shadow and
-    with the jet streak (float32, full frame). Smooth parts are computed on a 2x2-binned grid."""
+    with the jet streak, all behind the beam stop's shadow (float32, full frame). Smooth parts are
+    computed on a 2x2-binned grid."""
     slow, fast = shot.image_shape
     if not shot.pulse:
         return np.zeros(shot.image_shape, dtype=np.float32)
@@ -921,7 +943,8 @@ def _background(shot, rng, pools):
     polarisation *= np.float32(-0.999)
     polarisation += np.float32(1.0)
     if shot.kapton:  # the belt's shadow dims everything scattered through it
-        polarisation *= _transmission_at(shot, dx[None, :] / px + shot.beam_centre_px[0], dy[:, None] / px + shot.beam_centre_px[1])
+        polarisation *= _kapton_transmission(shot, dx[None, :] / px + shot.beam_centre_px[0],
+                                             dy[:, None] / px + shot.beam_centre_px[1])
     smooth = smooth_profile[index]
     ring = ring_profile[index] if ring_profile is not None else None
     grainy = ring is not None and shot.water_ring_grain > 0
@@ -943,6 +966,9 @@ def _background(shot, rng, pools):
         background += _ice_rings(shot, rng)
     if shot.jet_streak:
         _add_jet_streak(background, shot)
+    if shot.beamstop:  # in front of the detector: it shadows everything scattered, streaks and rings too
+        rows, columns = np.ogrid[: shot.image_shape[0], : shot.image_shape[1]]
+        background *= _beamstop_transmission(shot, columns + 0.5, rows + 0.5)
     row = _shadowed_rows(shot)
     if row is not None:
         background[row:, :] = 0.0
@@ -979,8 +1005,8 @@ def _ice_rings(shot, rng):
             speckle = gaussian_filter(speckle, shot.psf_sigma_px)
         rings *= speckle
     if shot.kapton:
-        rings *= _transmission_at(shot, np.arange(fast, dtype=np.float32)[None, :] + np.float32(0.5),
-                                  np.arange(slow, dtype=np.float32)[:, None] + np.float32(0.5))
+        rings *= _kapton_transmission(shot, np.arange(fast, dtype=np.float32)[None, :] + np.float32(0.5),
+                                     np.arange(slow, dtype=np.float32)[:, None] + np.float32(0.5))
     return rings
 
 
@@ -1004,7 +1030,31 @@ def _add_jet_streak(background, shot):
 
 
 def _transmission_at(shot, x, y):
-    """Fraction of X-rays reaching pixel positions (x, y): Kapton belt shadow, shadowed ASICs."""
+    """Fraction of X-rays reaching pixel positions (x, y): Kapton belt and beam stop shadows."""
+    t = _kapton_transmission(shot, x, y)
+    if shot.beamstop:
+        t *= _beamstop_transmission(shot, x, y)
+    return t
+
+
+def _beamstop_transmission(shot, x, y):
+    """The beam stop's shadow at pixel positions (x, y): a disc round the beam and, if it has one, the
+    arm from it to beyond the detector's edge, with a penumbra of ``edge_px``."""
+    radius, angle, arm_width, transmission, edge = shot.beamstop
+    dx = np.asarray(x, dtype=np.float32) - np.float32(shot.beam_centre_px[0])
+    dy = np.asarray(y, dtype=np.float32) - np.float32(shot.beam_centre_px[1])
+    inside = np.hypot(dx, dy) - np.float32(radius)  # signed distance to the shadow's edge, < 0 in it
+    if arm_width > 0:
+        ux, uy = np.float32(math.cos(math.radians(angle))), np.float32(-math.sin(math.radians(angle)))
+        across = np.abs(dx * uy - dy * ux) - np.float32(arm_width / 2)
+        across = np.where(dx * ux + dy * uy > 0, across, np.float32(np.inf))
+        inside = np.minimum(inside, across)
+    lit = 1.0 / (1.0 + np.exp(-np.clip(inside / np.float32(edge), -30.0, 30.0)))
+    return (transmission + (1.0 - transmission) * lit).astype(np.float32)
+
+
+def _kapton_transmission(shot, x, y):
+    """Fraction of X-rays reaching pixel positions (x, y) through the Kapton belt."""
     t = np.ones(np.broadcast(x, y).shape, dtype=np.float32)
     if shot.kapton:
         angle, offset, transmission = shot.kapton

@@ -224,7 +224,7 @@ def test_randomise_draws_nanocrystals_whose_spots_are_broad():
 
 def test_ice_rings_lie_at_the_ice_spacings_dxtbx_computes_and_only_randomised_shots_have_them():
     randomised = [simulate.sample_shot("LO19", simulate.image_rng(41, i), randomise=True) for i in range(100)]
-    assert 5 <= sum(bool(s.ice_rings) for s in randomised) <= 30
+    assert 10 <= sum(bool(s.ice_rings) for s in randomised) <= 50
     assert not any(simulate.sample_shot(name, simulate.image_rng(41, i)).ice_rings
                    for name in presets.PRESETS for i in range(20))
     shot, rng = first_shot("LO19", 41, lambda s: s.family == "rayonix" and s.pulse and s.sample_in_beam and not s.kapton,
@@ -243,6 +243,41 @@ def test_ice_rings_lie_at_the_ice_spacings_dxtbx_computes_and_only_randomised_sh
     assert on_ring.sum() > 20 and between.sum() > 20
     photons = (values - shot.pedestal_adu) / shot.adu_per_photon
     assert np.median(photons[on_ring]) - np.median(photons[between]) > 10
+
+
+def test_a_beam_stop_shadows_the_disc_round_the_beam_its_arm_and_the_spots_behind_them():
+    assert not any(simulate.sample_shot(name, simulate.image_rng(43, i)).beamstop
+                   for name in presets.PRESETS for i in range(20))
+    randomised = [simulate.sample_shot("LO19", simulate.image_rng(43, i), randomise=True) for i in range(200)]
+    counters = [s for s in randomised if s.family in ("pilatus", "eiger") and s.pulse]
+    assert len(counters) > 40 and 0.3 < np.mean([bool(s.beamstop) for s in counters]) < 0.7
+    forced = presets.override(presets.get_preset("LO19"), beamstop_probability=1.0, beamstop_arm_probability=1.0)
+    drawn = [simulate.sample_shot(forced, simulate.image_rng(43, i)) for i in range(20)]
+    assert all(s.beamstop is not None and s.beamstop[2] > 0 for s in drawn if s.pulse)  # a stop with an arm
+    assert sum(s.pulse for s in drawn) >= 15
+    shot, rng = first_shot("LO19", 43, lambda s: s.pulse and s.sample_in_beam and s.crystals and not s.kapton
+                           and s.target_visible_spots >= 30)
+    # a Pilatus-like frame (no hole round the beam), the stop and its arm (pointing to +x) drawn by hand
+    frame = simulate.detector_frame("pilatus")
+    shot = dataclasses.replace(shot, family="pilatus", image_shape=frame.shape, pixel_size_mm=frame.pixel_size_mm,
+                               beam_centre_px=(736.0, 740.0), jet_streak=None, adu_per_photon=1.0,
+                               read_noise_adu=0.0, pedestal_adu=0.0, solvent_scatter=20.0, water_ring=0.0)
+    plain = simulate.simulate_still(shot, simulate.image_rng(5, 0))
+    stopped_shot = dataclasses.replace(shot, beamstop=(40.0, 0.0, 12.0, 0.01, 1.0),
+                                       brightness=plain.truth["brightness"])
+    assert "beamstop" in stopped_shot.artefacts
+    stopped = simulate.simulate_still(stopped_shot, simulate.image_rng(5, 0))
+    cx, cy = shot.beam_centre_px
+    disc = stopped.image[int(cy) - 20:int(cy) + 20, int(cx) - 20:int(cx) + 20]
+    arm = stopped.image[int(cy) - 3:int(cy) + 3, int(cx) + 100:int(cx) + 180]  # along +x, off module gaps
+    beside = stopped.image[int(cy) + 30:int(cy) + 36, int(cx) + 100:int(cx) + 180]
+    assert plain.image[int(cy) - 20:int(cy) + 20, int(cx) - 20:int(cx) + 20].mean() > 10
+    assert disc.mean() < 1.0 and arm.mean() < 0.05 * beside.mean()
+    # spots behind the stop are not visible; the others are as they were
+    behind = simulate._beamstop_transmission(stopped_shot, plain.spots["x"], plain.spots["y"]) < 0.05
+    assert not np.any(stopped.spots["visible"] & behind)
+    assert np.array_equal(stopped.spots["visible"][~behind & (np.hypot(plain.spots["x"] - cx, plain.spots["y"] - cy) > 60)],
+                          plain.spots["visible"][~behind & (np.hypot(plain.spots["x"] - cx, plain.spots["y"] - cy) > 60)])
 
 
 def test_preset_errors_name_the_problem():
