@@ -1278,9 +1278,13 @@ def _correlate(noise):
 def _visibility_thresholds(shot, spots, radial, tangential, background_at, low_gain):
     """Photons a spot needs to be 'visible' (docs/simulator.md): at least visible_min_photons, a
     matched-filter SNR >= visible_snr over its effective area, and a peak pixel visible_peak_sigma
-    above the per-pixel noise. Background and read noise in photons."""
-    read = shot.read_noise_adu / max(shot.adu_per_photon, 1e-6)
-    read = np.where(low_gain, read * shot.low_gain_factor, read)
+    above the per-pixel noise. Background and read noise in photons; the read noise includes the
+    rounding of each pixel to a whole ADU (variance 1/12 ADU^2; one step is factor ADU in a low-gain
+    zone), which at a fraction of an ADU per photon hides spots as surely as read noise does (not on a
+    photon counter: its counts are whole photons)."""
+    step = np.where(low_gain, shot.low_gain_factor, 1.0) / max(shot.adu_per_photon, 1e-6)  # photons per step
+    rounding = 0.0 if shot.frame.photon_counting else 1 / 12  # a photon counter's counts are whole already
+    read = step * np.sqrt(shot.read_noise_adu**2 + rounding)
     sr = np.sqrt(radial**2 + 1 / 12)
     st = np.sqrt(tangential**2 + 1 / 12)
     area = 4 * math.pi * sr * st * (1.0 + shot.psf_tail_fraction)
@@ -1437,7 +1441,8 @@ def simulate_still(shot, rng):
         read *= np.float32(shot.read_noise_adu)
         adu += read
     if shot.pulse:
-        observed = [adu.ravel()[index] / np.float32(max(shot.adu_per_photon, 1e-6)) for index, _ in boxes]
+        # as the image will show them: rounded to whole ADU (the pedestal only shifts the rounding)
+        observed = [np.rint(adu.ravel()[index]) / np.float32(max(shot.adu_per_photon, 1e-6)) for index, _ in boxes]
         realised = _realised_photons(photons[near], boxes, background_boxes, mean_boxes, observed)
     else:
         realised = photons[near]

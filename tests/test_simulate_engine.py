@@ -100,6 +100,30 @@ def test_visibility_in_the_drawn_image_is_measured_too(lo19_stills):
     assert flips_up > 0 and flips_down > 0
 
 
+def test_visibility_counts_the_rounding_to_whole_adu_at_low_gain():
+    """At 0.15 ADU per photon the rounding of each pixel to a whole ADU is most of a CSPAD pixel's noise
+    (0.29 ADU = 1.9 photons). The criterion counts it: the photons the drawn image shows scatter around
+    the expected ones as they do at the preset's 4.55 ADU per photon, without a bias (ignoring the
+    rounding gave a standard deviation of 3.1 criterion units and a bias of -1.1)."""
+    for adu_per_photon in (4.55, 0.15):
+        z = []
+        for index in range(40):
+            rng = simulate.image_rng(7, index)
+            shot = simulate.sample_shot("L498", rng)
+            if shot.intended_label == "MISS" or not shot.pulse:
+                continue
+            shot = dataclasses.replace(shot, adu_per_photon=adu_per_photon, gain=adu_per_photon,
+                                       read_noise_adu=0.05, common_mode_sigma_adu=0.0)
+            spots = simulate.simulate_still(shot, rng).spots
+            photons, shown, threshold = spots["photons"], spots["realised_photons"], spots["visibility_threshold"]
+            near = (photons > 0.5 * threshold) & (photons < 2 * threshold) & (shown != photons)
+            z.extend((shown[near] - photons[near]) / (threshold[near] / 5))
+        z = np.asarray(z)
+        assert z.size > 300
+        assert abs(z.mean()) < 0.4, adu_per_photon
+        assert z.std() < 2.3, adu_per_photon
+
+
 def test_visible_spots_stand_out_from_the_background(lo19_stills):
     still = next(s for s in lo19_stills if s.truth["n_visible_spots"] >= 10)
     spots = still.spots

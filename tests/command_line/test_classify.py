@@ -355,6 +355,100 @@ def test_smv_files_are_read_straight_from_the_file_with_the_pixels_dxtbx_reads(t
         np.testing.assert_array_equal(a, b)
 
 
+def write_nxmx(path, stills):
+    """Photon-counting stills of one detector as one NXmx (NeXus) file, the way synchrotron Eiger data
+    come: a gzip-compressed (image, slow, fast) stack, one detector module, the bad pixels in
+    ``pixel_mask``, geometry as NXtransformations (McStas frame: the beam along +z)."""
+    import h5py
+
+    first = stills[0]
+    slow, fast = first.image.shape
+    px, (bx, by) = first.pixel_size_mm, first.beam_centre_px
+    with h5py.File(path, "w") as handle:
+        entry = handle.create_group("entry")
+        entry.attrs["NX_class"] = "NXentry"
+        entry["definition"] = "NXmx"
+        data = entry.create_group("data")
+        data.attrs.update(NX_class="NXdata", signal="data")
+        data.create_dataset("data", data=np.stack([s.image for s in stills]).astype(np.int32),
+                            chunks=(1, slow, fast), compression="gzip")
+        instrument = entry.create_group("instrument")
+        instrument.attrs["NX_class"] = "NXinstrument"
+        beam = instrument.create_group("beam")
+        beam.attrs["NX_class"] = "NXbeam"
+        beam["incident_wavelength"] = first.wavelength_A
+        beam["incident_wavelength"].attrs["units"] = "angstrom"
+        detector = instrument.create_group("detector")
+        detector.attrs["NX_class"] = "NXdetector"
+        detector["depends_on"] = "/entry/instrument/detector/transformations/translation"
+        detector["sensor_material"] = "Silicon"
+        detector["sensor_thickness"] = 0.45
+        detector["sensor_thickness"].attrs["units"] = "mm"
+        detector["saturation_value"] = 1000000
+        detector["bit_depth_readout"] = 32
+        detector["pixel_mask"] = (~first.mask).astype(np.uint32)
+        transformations = detector.create_group("transformations")
+        transformations.attrs["NX_class"] = "NXtransformations"
+        transformations.create_dataset("translation", data=first.distance_mm).attrs.update(
+            transformation_type="translation", vector=[0.0, 0.0, 1.0], units="mm", depends_on=".")
+        module = detector.create_group("module")
+        module.attrs["NX_class"] = "NXdetector_module"
+        module["data_origin"] = np.array([0, 0])
+        module["data_size"] = np.array([slow, fast])
+        module.create_dataset("module_offset", data=0.0).attrs.update(
+            transformation_type="translation", vector=[1.0, 0.0, 0.0], units="mm", offset=[bx * px, by * px, 0.0],
+            depends_on="/entry/instrument/detector/transformations/translation")
+        for name, vector in (("fast_pixel_direction", [-1.0, 0.0, 0.0]), ("slow_pixel_direction", [0.0, -1.0, 0.0])):
+            module.create_dataset(name, data=px).attrs.update(
+                transformation_type="translation", vector=vector, units="mm", offset=[0.0, 0.0, 0.0],
+                depends_on="/entry/instrument/detector/module/module_offset")
+        sample = entry.create_group("sample")
+        sample.attrs["NX_class"] = "NXsample"
+        sample["depends_on"] = "."
+
+
+def test_an_eiger_nxmx_file_is_classified_through_dxtbx_as_the_stills_were_drawn(tmp_path, monkeypatch):
+    """A detector the project has no reader of its own for: dxtbx's FormatNXmx reads an Eiger-like
+    NeXus file (compressed stack, module gaps and bad pixels in the file's pixel mask) and
+    dials.cnn_classify with the shipped default model gives, row for row, the probabilities of the
+    simulated stills preprocessed in memory: geometry, mask and pixels all come through."""
+    from dials_cnn.model import load_model
+    from dials_cnn.preprocess import prepare
+    from dials_cnn.projection import flat_from_array
+
+    monkeypatch.chdir(tmp_path)
+    stills = []
+    for index in range(40):
+        shot = simulate.sample_shot("LO19", simulate.image_rng(11, index), randomise=True, vary_beam_centre=False)
+        if shot.family == "eiger":  # one detector per file: the first shots of the Eiger family
+            stills.append(simulate.simulate_still(shot, simulate.image_rng(11, index)))
+            if len(stills) == 3:
+                break
+    # hot pixels near the beam, in the pixel mask: read without it, they would be counted as spots
+    rng = np.random.default_rng(0)
+    bx, by = (int(v) for v in stills[0].beam_centre_px)
+    hot_y, hot_x = by + rng.integers(-200, 50, 300), bx + rng.integers(-200, 200, 300)
+    for still in stills:
+        still.mask[hot_y, hot_x] = False
+        still.image[hot_y, hot_x] = 50000
+    write_nxmx(tmp_path / "run_master.h5", stills)
+    experiments = ExperimentListFactory.from_filenames([str(tmp_path / "run_master.h5")])
+    assert experiments[0].imageset.get_format_class().__name__ == "FormatNXmx"
+    import_stills([tmp_path / "run_master.h5"], "imported.expt")
+    classify_command.run(["imported.expt"])
+    rows = read_csv(tmp_path / "cnn_classification.csv")
+    assert [int(r["index"]) for r in rows] == [0, 1, 2] and not any(r["error"] for r in rows)
+    model = load_model(shipped_model_path())
+    network = model.network.eval()
+    for row, still in zip(rows, stills):
+        flat = flat_from_array(still.image, still.beam_centre_px, still.pixel_size_mm, still.mask)
+        x = torch.from_numpy(prepare(flat, model.preprocess).astype(np.float32))[None, None]
+        with torch.no_grad():
+            expected = network(x).exp()[0].numpy()
+        observed = np.array([float(row[k]) for k in ("p_hit", "p_maybe", "p_miss")])
+        np.testing.assert_allclose(observed, expected, atol=1e-4)
+
+
 def test_per_file_cache_is_bounded_and_closes_what_it_drops():
     """Masks and readers are kept per file; a run of single-image files must not keep one per image."""
     from dials_cnn.classify import CACHED_FILES, _cached
