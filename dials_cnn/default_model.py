@@ -226,7 +226,7 @@ def format_metrics(table):
 
 def build(output=DEFAULT_MODEL_PATH, architecture="spotcount", scale=1.0, epochs=48, batches_per_epoch=60,
           batch_size=32, seed=2018, nproc=2, margin=32, preprocess=None, cache=None, log=print,
-          architecture_kwargs=None):
+          architecture_kwargs=None, lr_start=0.05):
     """Simulate, train and test the default model; write it to ``output`` with its metrics.
     ``architecture_kwargs`` add to (or replace) those that fit the architecture to the preprocessing;
     spotcount's context layers are the default model's unless they say otherwise."""
@@ -251,8 +251,8 @@ def build(output=DEFAULT_MODEL_PATH, architecture="spotcount", scale=1.0, epochs
     log(f"Simulated and preprocessed {len(data) + len(test_set)} stills in {time.time() - started:.0f} s")
     train_idx, val_idx, _ = split_indices(len(data), fractions=(0.85, 0.15, 0.0), seed=seed)
     recipe = TrainingRecipe(
-        epochs=epochs, batches_per_epoch=batches_per_epoch, batch_size=batch_size, lr_start=0.05,
-        lr_end=5e-4, max_shift=margin, balance="group_class", keep="best", max_grad_norm=10.0,
+        epochs=epochs, batches_per_epoch=batches_per_epoch, batch_size=batch_size, lr_start=lr_start,
+        lr_end=lr_start / 100, max_shift=margin, balance="group_class", keep="best", max_grad_norm=10.0,
     )
     torch.set_num_threads(nproc)
     provenance = {
@@ -298,6 +298,8 @@ def main(argv=None):
     parser.add_argument("--batches-per-epoch", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=2018)
+    parser.add_argument("--lr", type=float, default=0.05,
+                        help="starting learning rate; it falls exponentially to a hundredth of it")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--cache", default=None, help="folder keeping the simulated inputs for a rerun")
     parser.add_argument("--paper", action="store_true",
@@ -316,7 +318,8 @@ def main(argv=None):
     build(args.output or SHIPPED_MODELS[args.model], architecture, args.scale, args.epochs,
           args.batches_per_epoch, args.batch_size, args.seed, args.nproc, preprocess=preprocess, cache=args.cache,
           log=lambda line: print(line, flush=True),
-          architecture_kwargs={"dilations": list(dilations)} if architecture == "spotcount" else None)
+          architecture_kwargs={"dilations": list(dilations)} if architecture == "spotcount" else None,
+          lr_start=args.lr)
 
 
 if __name__ == "__main__":
