@@ -21,7 +21,7 @@ RUNS = ("L498", "LG36", "LN84", "LN83", "LO19")
 
 
 def metrics_by_source(probabilities, test):
-    """{source: (Hit+Maybe recall, Miss specificity, 3-class accuracy, ROC AUC of P(HIT)+P(MAYBE))}."""
+    """{source: {n, Hit+Maybe recall, Miss specificity, 3-class accuracy, ROC AUC of P(HIT)+P(MAYBE)}}."""
     from sklearn.metrics import roc_auc_score
 
     from dials_cnn.model import CLASS_NAMES
