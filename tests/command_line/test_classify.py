@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -276,8 +277,21 @@ def test_fast_path_gives_the_predictions_of_the_straightforward_one(fixture_name
         # the project's writers store one image per uncompressed chunk: its rows are read at their offset
         chunk, within = reader.layout.locate(units[0].file_index)
         dataset, plain = reader._dataset(chunk)
-        assert plain and reader._image_offset(dataset, within) is not None
-        reader.close()
+        offset = reader._image_offset(dataset, within)
+        assert plain and offset is not None
+        # a cut is a view of the mapped file (no copy): HDF5's own pixels, and those of the copying read
+        y0, y1, x0, x1 = 3, dataset.shape[1] - 2, 5, dataset.shape[2] - 4
+        cut = (dataset.shape[2], dataset.dtype, y0, y1, x0, x1)
+        mapped = reader._mapped_cut(offset, *cut)
+        assert mapped is not None and not mapped.flags.owndata and not mapped.flags.writeable
+        np.testing.assert_array_equal(mapped, dataset[within, y0:y1, x0:x1])
+        np.testing.assert_array_equal(reader._read_plain(offset, *cut), mapped)
+        # an image that would end beyond the end of the file (one still being written) is not mapped
+        assert reader._mapped_cut(os.path.getsize(written.path), *cut) is None
+        pixels = dataset[within, y0:y1, x0:x1]
+        reader.close()  # the view holds its own map of the file
+        np.testing.assert_array_equal(mapped, pixels)
+        del mapped
     for params in (PreprocessParams(pipeline="native", crop=96, bin=2, lcn_window=21),
                    PreprocessParams(pipeline="binned", crop=48, bin=2, pool=2)):
         straight = list(prepared_inputs(units, params, margin=4, crop_only=False))
