@@ -242,6 +242,10 @@ class _LayoutCutReader:
             if end > os.fstat(self.fd).st_size:
                 return None
             mapped = mmap.mmap(self.fd, end - base, access=mmap.ACCESS_READ, offset=base)
+            if hasattr(mmap, "MADV_WILLNEED"):
+                # pages not in memory are read ahead in one go, not fault by fault: cold from disk, a
+                # CSPAD cut took 17-18 ms per image without this, 8-12 ms with it (20-27 ms read by preadv)
+                mapped.madvise(mmap.MADV_WILLNEED)
         except (OSError, ValueError):  # e.g. a file system that cannot map files
             return None
         # the view holds the map (numpy keeps no buffer export, so it must never be closed explicitly)
