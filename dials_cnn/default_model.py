@@ -307,6 +307,9 @@ def main(argv=None):
                              "same simulated stills, for a side-by-side comparison")
     parser.add_argument("--dilations", type=int, nargs="+", default=None,
                         help="spotcount: the dilations of its context layers instead of --model's")
+    parser.add_argument("--lcn-window", type=int, default=None,
+                        help="the LCN window in native pixels instead of the default's 22 (an odd number of "
+                             "2-pixel blocks, e.g. 30)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     architecture, preprocess = args.architecture, None
@@ -314,6 +317,8 @@ def main(argv=None):
         from dials_cnn.preprocess import KE2018
 
         architecture, preprocess = "ke2018", KE2018
+    if args.lcn_window:
+        preprocess = dataclasses.replace(preprocess or default_preprocess(), lcn_window=args.lcn_window)
     dilations = args.dilations or CONTEXT_DILATIONS[args.model]
     build(args.output or SHIPPED_MODELS[args.model], architecture, args.scale, args.epochs,
           args.batches_per_epoch, args.batch_size, args.seed, args.nproc, preprocess=preprocess, cache=args.cache,
