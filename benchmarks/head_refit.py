@@ -48,7 +48,7 @@ def head_features(network, logits, extra):
         above = [(network._count(probability, floor) * window).sum(dim=(1, 2, 3)) for floor in (0.5, 0.7)]
         uncertain = (inside * ((probability >= 0.05) & (probability < 0.3))).sum(dim=(1, 2, 3))
         features += [torch.log1p(torch.stack(above + [uncertain], 1)),
-                     (logits + (window - 1) * 1e4).amax(dim=(1, 2, 3))[:, None] / 10.0]
+                     logits.masked_fill(window == 0, float("-inf")).amax(dim=(1, 2, 3))[:, None] / 10.0]  # largest inside
     return torch.cat(features, 1).numpy().astype(np.float64)
 
 
