@@ -31,82 +31,78 @@ static long mirror(long i, long n)
     return i;
 }
 
-/* Sums over `window` consecutive elements with reflect padding, along the rows of a rows x cols
- * array: running sums, four rows at a time (four independent chains of additions); `line` is
- * scratch of 4 (cols + window) doubles. */
-static void box_rows(const double *in, double *out, long rows, long cols, int window, double *line)
+/* Sums over `window` consecutive elements of one row of `cols` values (times `scale`) with reflect
+ * padding, as running sums, for the same row of two arrays at once (two independent chains of
+ * additions); `line` is scratch of 2 (cols + window) doubles. */
+static void box_row_pair(const float *in_a, const float *in_b, double scale_a, double scale_b, long cols,
+                         int window, double *line, double *out_a, double *out_b)
 {
     long half = window / 2, padded = cols + 2 * half;
-    for (long r0 = 0; r0 < rows; r0 += 4) {
-        int n = rows - r0 < 4 ? (int)(rows - r0) : 4;
-        double sum[4] = {0.0, 0.0, 0.0, 0.0};
-        for (int j = 0; j < n; j++) {
-            const double *row = in + (r0 + j) * cols;
-            double *l = line + j * padded;
-            for (long k = 0; k < padded; k++)
-                l[k] = row[mirror(k - half, cols)];
-            for (long k = 0; k < window; k++)
-                sum[j] += l[k];
-            out[(r0 + j) * cols] = sum[j];
-        }
-        if (n == 4) {
-            const double *l0 = line, *l1 = line + padded, *l2 = line + 2 * padded, *l3 = line + 3 * padded;
-            double *o0 = out + r0 * cols, *o1 = o0 + cols, *o2 = o1 + cols, *o3 = o2 + cols;
-            double s0 = sum[0], s1 = sum[1], s2 = sum[2], s3 = sum[3];
-            for (long c = 1; c < cols; c++) {
-                s0 += l0[c + window - 1] - l0[c - 1];
-                s1 += l1[c + window - 1] - l1[c - 1];
-                s2 += l2[c + window - 1] - l2[c - 1];
-                s3 += l3[c + window - 1] - l3[c - 1];
-                o0[c] = s0;
-                o1[c] = s1;
-                o2[c] = s2;
-                o3[c] = s3;
-            }
-        } else {
-            for (int j = 0; j < n; j++) {
-                const double *l = line + j * padded;
-                double *o = out + (r0 + j) * cols, sj = sum[j];
-                for (long c = 1; c < cols; c++) {
-                    sj += l[c + window - 1] - l[c - 1];
-                    o[c] = sj;
-                }
-            }
-        }
+    double *la = line, *lb = line + padded;
+    for (long k = 0; k < padded; k++) {
+        long i = mirror(k - half, cols);
+        la[k] = in_a[i] * scale_a;
+        lb[k] = in_b[i] * scale_b;
+    }
+    double sa = 0.0, sb = 0.0;
+    for (long k = 0; k < window; k++) {
+        sa += la[k];
+        sb += lb[k];
+    }
+    out_a[0] = sa;
+    out_b[0] = sb;
+    for (long c = 1; c < cols; c++) {
+        sa += la[c + window - 1] - la[c - 1];
+        sb += lb[c + window - 1] - lb[c - 1];
+        out_a[c] = sa;
+        out_b[c] = sb;
     }
 }
 
-/* The same along columns, all columns of a row at once (vectorisable). */
-static void box_cols(const double *in, double *out, long rows, long cols, int window)
+/* The row sums of the blocks' rows (of the block means and of the block squares), each row computed
+ * once, kept in a ring of `slots` rows: the column window reads each row twice, always among the last
+ * `slots` rows it asked for. */
+typedef struct {
+    const float *means, *squares;
+    double scale_means, scale_squares, *rows, *line;
+    long cols, slots, *held;
+    int window;
+} RowSums;
+
+/* The row sums of row `row`: means at out[0], squares at out[1]. */
+static void row_sums(RowSums *sums, long row, const double *out[2])
 {
-    long half = window / 2;
-    memset(out, 0, sizeof(double) * cols);
-    for (long k = -half; k <= half; k++) {
-        const double *src = in + mirror(k, rows) * cols;
-        for (long c = 0; c < cols; c++)
-            out[c] += src[c];
+    long slot = row % sums->slots;
+    double *a = sums->rows + 2 * slot * sums->cols, *b = a + sums->cols;
+    if (sums->held[slot] != row) {
+        box_row_pair(sums->means + row * sums->cols, sums->squares + row * sums->cols, sums->scale_means,
+                     sums->scale_squares, sums->cols, sums->window, sums->line, a, b);
+        sums->held[slot] = row;
     }
-    for (long r = 1; r < rows; r++) {
-        const double *add = in + mirror(r + half, rows) * cols;
-        const double *sub = in + mirror(r - half - 1, rows) * cols;
-        const double *prev = out + (r - 1) * cols;
-        double *o = out + r * cols;
-        for (long c = 0; c < cols; c++)
-            o[c] = prev[c] + add[c] - sub[c];
-    }
+    out[0] = a;
+    out[1] = b;
 }
 
 /* image: height x width float32 with rows `row_stride` floats apart; out: (height / block) x
- * (width / block) float32. Returns 0, or -1 if memory ran out. */
+ * (width / block) float32. Returns 0, or -1 if memory ran out.
+ * The window sums are running sums along rows, then down columns (row r: the sum of rows r - 1,
+ * plus row r + half, minus row r - half - 1), one row of blocks at a time: what they read stays in
+ * cache. */
 int block_lcn_max(const float *image, long height, long width, long row_stride, int block, int window,
                   double min_std, double std_floor, float *out)
 {
-    long gh = height / block, gw = width / block, cells = gh * gw;
-    double *first = malloc(sizeof(double) * (6 * cells + 4 * (gw + 2 * window)));
-    if (!first)
+    long gh = height / block, gw = width / block, cells = gh * gw, half = window / 2;
+    long slots = 2 * (long)window + 2; /* rows r - half - 1 .. r + half, and their mirrors, fit */
+    float *first = malloc(sizeof(float) * 3 * cells);
+    double *scratch = malloc(sizeof(double) * (2 * slots * gw + 2 * gw + 2 * (gw + 2 * window)));
+    long *held = malloc(sizeof(long) * slots);
+    if (!first || !scratch || !held) {
+        free(first);
+        free(scratch);
+        free(held);
         return -1;
-    double *second = first + cells, *peak = second + cells, *tmp = peak + cells;
-    double *local_mean = tmp + cells, *local_square = local_mean + cells, *line = local_square + cells;
+    }
+    float *second = first + cells, *peak = second + cells;
 
     /* eight partial sums: independent additions instead of one chain through every pixel */
     double partial[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, total = 0.0;
@@ -126,8 +122,8 @@ int block_lcn_max(const float *image, long height, long width, long row_stride, 
     /* the block pass in single precision, as the torch code (sums of block^2 deviations) */
     const float mean_f = (float)mean;
     double sum_squares = 0.0;
-    float *f = (float *)tmp, *s = f + gw, *p = s + gw; /* one row of blocks; tmp is free until the windows */
     for (long by = 0; by < gh; by++) {
+        float *f = first + by * gw, *s = second + by * gw, *p = peak + by * gw;
         for (long bx = 0; bx < gw; bx++) {
             f[bx] = 0.0f;
             s[bx] = 0.0f;
@@ -155,12 +151,8 @@ int block_lcn_max(const float *image, long height, long width, long row_stride, 
             }
         }
         double row_squares = 0.0;
-        for (long bx = 0; bx < gw; bx++) {
-            first[by * gw + bx] = f[bx];
-            second[by * gw + bx] = s[bx];
-            peak[by * gw + bx] = p[bx];
+        for (long bx = 0; bx < gw; bx++)
             row_squares += s[bx];
-        }
         sum_squares += row_squares;
     }
     double std = sqrt(sum_squares / ((double)height * width));
@@ -168,24 +160,47 @@ int block_lcn_max(const float *image, long height, long width, long row_stride, 
         std = 1.0;
     if (std < min_std)
         std = min_std;
-    const double n = (double)block * block, scale_first = 1.0 / (n * std), scale_second = 1.0 / (n * std * std);
-    for (long i = 0; i < cells; i++) {
-        first[i] *= scale_first;
-        second[i] *= scale_second;
-    }
+    const double n = (double)block * block;
+    double *local_mean = scratch + 2 * slots * gw, *local_square = local_mean + gw, *line = local_square + gw;
+    RowSums sums = {first, second, 1.0 / (n * std), 1.0 / (n * std * std), scratch, line, gw, slots, held, window};
+    for (long k = 0; k < slots; k++)
+        held[k] = -1;
+
     const double inverse_area = 1.0 / ((double)window * window), inverse_std = 1.0 / std;
-    box_rows(first, tmp, gh, gw, window, line);
-    box_cols(tmp, local_mean, gh, gw, window);
-    box_rows(second, tmp, gh, gw, window, line);
-    box_cols(tmp, local_square, gh, gw, window);
-    for (long i = 0; i < cells; i++) {
-        double m = local_mean[i] * inverse_area;
-        double var = local_square[i] * inverse_area - m * m;
-        double sd = sqrt(var > 0.0 ? var : 0.0);
-        sd = sd < std_floor ? std_floor : sd;
-        out[i] = (float)((peak[i] * inverse_std - m) / sd);
+    for (long r = 0; r < gh; r++) {
+        if (r == 0) {
+            for (long c = 0; c < gw; c++)
+                local_mean[c] = local_square[c] = 0.0;
+            for (long k = -half; k <= half; k++) {
+                const double *row[2];
+                row_sums(&sums, mirror(k, gh), row);
+                for (long c = 0; c < gw; c++) {
+                    local_mean[c] += row[0][c];
+                    local_square[c] += row[1][c];
+                }
+            }
+        } else {
+            const double *add[2], *sub[2];
+            row_sums(&sums, mirror(r + half, gh), add);
+            row_sums(&sums, mirror(r - half - 1, gh), sub);
+            for (long c = 0; c < gw; c++) {
+                local_mean[c] = local_mean[c] + add[0][c] - sub[0][c];
+                local_square[c] = local_square[c] + add[1][c] - sub[1][c];
+            }
+        }
+        const float *p = peak + r * gw;
+        float *o = out + r * gw;
+        for (long c = 0; c < gw; c++) {
+            double m = local_mean[c] * inverse_area;
+            double var = local_square[c] * inverse_area - m * m;
+            double sd = sqrt(var > 0.0 ? var : 0.0);
+            sd = sd < std_floor ? std_floor : sd;
+            o[c] = (float)((p[c] * inverse_std - m) / sd);
+        }
     }
     free(first);
+    free(scratch);
+    free(held);
     return 0;
 }
 
