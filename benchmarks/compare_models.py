@@ -27,6 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from paper_per_run import metrics_by_source  # noqa: E402  (the same per-source metrics and AUC)
 
 FAMILIES = ("cspad", "rayonix", "pilatus", "eiger")
+# The paper's Table 3: its CNN's Hit+Maybe recall / Miss specificity per run, in %.
+PAPER_TABLE3 = {"L498": (69.0, 93.1), "LG36": (91.1, 98.2), "LN84": (98.5, 89.9), "LN83": (98.5, 96.9),
+                "LO19": (94.8, 96.0)}
 NANOCRYSTAL_DOMAIN_A = 500.0
 
 
@@ -46,9 +49,9 @@ def nanocrystals(sources, seed):
     return np.array(chosen)
 
 
-def score(model, sources, seeds, nproc, cache, threshold, log, small=None):
+def score(model, sources, seeds, nproc, cache, threshold, log, small=None, sweep=()):
     """{summary fields} of one :class:`~dials_cnn.model.ScreeningModel` on the ``test`` stills of
-    ``seeds``, pooled."""
+    ``seeds``, pooled; ``sweep``: also recall / specificity per source at each of these thresholds."""
     from sklearn.metrics import roc_auc_score
 
     from dials_cnn import default_model
@@ -84,7 +87,10 @@ def score(model, sources, seeds, nproc, cache, threshold, log, small=None):
         "randomised_auc_by_family": {f: auc(randomised & (families == f)) for f in FAMILIES},
         "by_source": {source: [round(100 * m["hit_maybe_recall"], 1), round(100 * m["miss_specificity"], 1),
                                round(m["auc"], 3)]
-                      for source, m in metrics_by_source(probabilities, test).items()},
+                      for source, m in metrics_by_source(probabilities, test, threshold).items()},
+        "sweep": {str(t): {source: [round(100 * m["hit_maybe_recall"], 1), round(100 * m["miss_specificity"], 1)]
+                           for source, m in metrics_by_source(probabilities, test, t).items()}
+                  for t in sweep},
     }
 
 
@@ -103,6 +109,24 @@ def format_table(results):
     return "\n".join(lines)
 
 
+def format_sweep(name, sweep):
+    """Recall / specificity per source at each threshold; * where a preset meets both of the paper's."""
+    sources = list(next(iter(sweep.values())))
+    lines = [f"{name}: Hit+Maybe recall / Miss specificity by threshold (* both at least the paper's Table 3)",
+             "| threshold | " + " | ".join(sources) + " |", "|" + "---|" * (len(sources) + 1),
+             "| paper | " + " | ".join("%.1f / %.1f" % PAPER_TABLE3[s] if s in PAPER_TABLE3 else "" for s in sources)
+             + " |"]
+    for threshold, row in sweep.items():
+        cells = []
+        for source in sources:
+            recall, specificity = row[source]
+            paper = PAPER_TABLE3.get(source)
+            met = paper is not None and recall >= paper[0] and specificity >= paper[1]
+            cells.append("%.1f / %.1f%s" % (recall, specificity, " *" if met else ""))
+        lines.append(f"| {threshold} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="model files, or 'default' / 'fast' for the shipped ones")
@@ -110,6 +134,8 @@ def main(argv=None):
                         help="whose held-out stills (make default-model's --seed); several are pooled")
     parser.add_argument("--cache", default=None, help="keeps the simulated stills for a rerun")
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--sweep", type=float, nargs="*", default=[],
+                        help="also print recall / specificity per source at these thresholds, beside the paper's")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -126,13 +152,17 @@ def main(argv=None):
     results = {}
     for name in args.models:
         model = load_model(default_model.shipped_model_path(name))
-        results[name] = score(model, sources, args.seeds, args.nproc, args.cache, args.threshold, log, small)
+        results[name] = score(model, sources, args.seeds, args.nproc, args.cache, args.threshold, log, small,
+                              args.sweep)
         log(f"{name}: all {results[name]['all']}, AUC all / presets / randomised "
             f"{results[name]['auc_all_presets_randomised']}, randomised by family "
             f"{results[name]['randomised_auc_by_family']}")
     log(f"\nHeld-out stills of seeds {' '.join(map(str, args.seeds))}, threshold {args.threshold} "
         "(Hit+Maybe recall / Miss specificity, %):")
     log(format_table(results))
+    for name, r in results.items():
+        if r["sweep"]:
+            log("\n" + format_sweep(name, r["sweep"]))
     if args.json:
         from dials_cnn.fileio import atomic_write
 

@@ -20,8 +20,9 @@ import numpy as np
 RUNS = ("L498", "LG36", "LN84", "LN83", "LO19")
 
 
-def metrics_by_source(probabilities, test):
-    """{source: {n, Hit+Maybe recall, Miss specificity, 3-class accuracy, ROC AUC of P(HIT)+P(MAYBE)}}."""
+def metrics_by_source(probabilities, test, threshold=0.5):
+    """{source: {n, Hit+Maybe recall, Miss specificity (at ``threshold``), 3-class accuracy, ROC AUC of
+    P(HIT)+P(MAYBE)}}."""
     from sklearn.metrics import roc_auc_score
 
     from dials_cnn.model import CLASS_NAMES
@@ -30,7 +31,7 @@ def metrics_by_source(probabilities, test):
     row = {}
     for source in dict.fromkeys(test.groups):
         chosen = test.groups == source
-        m = classification_metrics(probabilities[chosen], test.labels[chosen])
+        m = classification_metrics(probabilities[chosen], test.labels[chosen], threshold)
         positive = test.labels[chosen] != CLASS_NAMES.index("MISS")
         score = 1.0 - probabilities[chosen, CLASS_NAMES.index("MISS")]
         row[source] = {"n": m["n"], "hit_maybe_recall": m["hit_maybe_recall"],
