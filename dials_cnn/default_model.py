@@ -310,6 +310,8 @@ def main(argv=None):
     parser.add_argument("--lcn-window", type=int, default=None,
                         help="the LCN window in native pixels instead of the default's 22 (an odd number of "
                              "2-pixel blocks, e.g. 30)")
+    parser.add_argument("--separable", action="store_true",
+                        help="spotcount: depthwise-separable context layers (a cheaper network)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     architecture, preprocess = args.architecture, None
@@ -323,7 +325,8 @@ def main(argv=None):
     build(args.output or SHIPPED_MODELS[args.model], architecture, args.scale, args.epochs,
           args.batches_per_epoch, args.batch_size, args.seed, args.nproc, preprocess=preprocess, cache=args.cache,
           log=lambda line: print(line, flush=True),
-          architecture_kwargs={"dilations": list(dilations)} if architecture == "spotcount" else None,
+          architecture_kwargs={"dilations": list(dilations), **({"separable": True} if args.separable else {})}
+          if architecture == "spotcount" else None,
           lr_start=args.lr)
 
 

@@ -117,22 +117,29 @@ class SpotCounter(nn.Module):
     +y is down the image, the beam at the lower centre). ``input_size``: the side of the input it takes.
     ``dilations``: the 3 x 3 context layers on the cell grid; each of dilation d widens the receptive field
     by 16 d input pixels (one, d = 2: 48 px; (2, 4): 112 px, enough to see that a jet streak goes on).
+    ``separable``: each context layer is a depthwise 3 x 3 convolution followed by a 1 x 1 one (the same
+    receptive field, 1/7 of the multiply-adds: the two full context layers are 62 % of the network's).
     """
 
     stride = 8
 
     def __init__(self, n_classes=3, widths=(8, 16, 32), input_size=512, window=(-236.25, 236.25, -221.0, 39.0),
-                 dilations=(2,)):
+                 dilations=(2,), separable=False):
         super().__init__()
         w1, w2, w3 = widths
         self.window_bounds = tuple(float(v) for v in window)
 
-        def block(w_in, w_out, kernel, stride, padding, dilation=1):
-            return [nn.Conv2d(w_in, w_out, kernel, stride=stride, padding=padding, dilation=dilation, bias=False),
+        def block(w_in, w_out, kernel, stride, padding, dilation=1, groups=1):
+            return [nn.Conv2d(w_in, w_out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              bias=False),
                     nn.BatchNorm2d(w_out), nn.ReLU(inplace=True)]
 
         # receptive field 4, 8, 16 input pixels, then + 16 d per context layer: a spot and its surroundings
-        context = [layer for d in dilations for layer in block(w3, w3, 3, 1, d, d)]
+        if separable:
+            context = [layer for d in dilations
+                       for layer in block(w3, w3, 3, 1, d, d, groups=w3) + block(w3, w3, 1, 1, 0)]
+        else:
+            context = [layer for d in dilations for layer in block(w3, w3, 3, 1, d, d)]
         self.features = nn.Sequential(
             *block(1, w1, 4, 2, 1), *block(w1, w2, 3, 2, 1), *block(w2, w3, 3, 2, 1), *context
         )

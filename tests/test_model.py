@@ -147,7 +147,8 @@ def test_spotcount_counts_spots_in_the_window_and_applies_the_experts_rule():
 
 def test_spotcount_context_layers_widen_what_a_cell_sees():
     """The receptive field of a cell's spot logit: 48 input pixels with the default context layer,
-    112 with dilations (2, 4); measured from the gradient of one logit, not from the formula."""
+    112 with dilations (2, 4), separable or not; measured from the gradient of one logit, not from the
+    formula. Separable context layers hold a fraction of the weights."""
 
     def receptive_field(network):
         x = torch.randn(8, 1, 256, 256, requires_grad=True)  # random: every ReLU passes for some image
@@ -161,3 +162,12 @@ def test_spotcount_context_layers_widen_what_a_cell_sees():
     assert receptive_field(default) == 48
     assert receptive_field(wider) == 112
     assert wider(torch.zeros(1, 1, 256, 256)).shape == (1, 3)
+    separable = build_network("spotcount", input_size=256, window=[-40.0, 40.0, -48.0, 8.0], dilations=[2, 4],
+                              separable=True).eval()
+    assert receptive_field(separable) == 112
+
+    def context_weights(network):
+        return sum(m.weight.numel() for m in network.features if isinstance(m, torch.nn.Conv2d)
+                   and m.in_channels == m.out_channels == 32)
+
+    assert context_weights(separable) * 6 < context_weights(wider)
