@@ -15,6 +15,8 @@ import multiprocessing
 import os
 import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import h5py
 import numpy as np
@@ -425,9 +427,8 @@ def find_run_hot_pixels(units, params, sample=20, min_fraction=0.5, crop_only=Tr
 
     def look_in_workers(sampled):
         _WORKER.update(sampled=sampled, params=params, crop_only=crop_only)
-        try:
-            with multiprocessing.get_context("fork").Pool(min(nproc, len(sampled)), initializer=_worker_start) as pool:
-                return [_unpacked(r) for r in pool.map(_worker_bright_pixels, range(len(sampled)))]
+        try:  # an image whose worker died is one that could not be looked at
+            return [_unpacked(r) for r in in_workers(_worker_bright_pixels, len(sampled), nproc, 1, lambda k: None)]
         finally:
             _WORKER.clear()
 
@@ -496,6 +497,37 @@ def _worker_start():
     keep_freed_memory()
 
 
+def in_workers(function, n, nproc, chunksize, lost):
+    """Yield ``function(k)`` for k = 0 .. n - 1, in order, computed by ``nproc`` forked processes.
+
+    A worker that dies (a crash in a reader's compiled code, the kernel's out-of-memory killer) must not
+    hang the run or lose its images: the pool is started again from the first result not yet given, and
+    that image is first tried alone in a process of its own; if that one dies too, ``lost(k)`` stands in
+    for its result. Closing the generator (Ctrl-C in live mode) cancels what has not started.
+    """
+    context = multiprocessing.get_context("fork")
+    done = 0
+    while done < n:
+        pool = ProcessPoolExecutor(min(nproc, n - done), mp_context=context, initializer=_worker_start)
+        try:
+            for result in pool.map(function, range(done, n), chunksize=chunksize):
+                yield result
+                done += 1
+        except BrokenProcessPool:
+            logger.warning("A worker process died; image %d of %d is tried again on its own", done + 1, n)
+            alone = ProcessPoolExecutor(1, mp_context=context, initializer=_worker_start)
+            try:
+                result = alone.submit(function, done).result()
+            except BrokenProcessPool:
+                result = lost(done)
+            finally:
+                alone.shutdown(wait=False, cancel_futures=True)
+            yield result
+            done += 1
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _worker_prepare(position):
     seconds = {}
     array, error = _read_and_prepare(_WORKER["units"][position], _WORKER["params"], _WORKER["masks"],
@@ -505,6 +537,11 @@ def _worker_prepare(position):
         array = cpu_probabilities(_WORKER["network"], array, _WORKER["memory_format"])
         seconds["network"] = time.perf_counter() - t
     return position, array, error, seconds
+
+
+def _died_on(position):
+    return (position, None, "the worker process reading this image died (a crash in its reader, or out of "
+                            "memory); nproc=1 shows the reader's own error", {})
 
 
 def cpu_probabilities(network, array, memory_format=torch.channels_last):
@@ -539,11 +576,9 @@ def prepared_inputs(units, params, nproc=1, margin=0, crop_only=True, with_secon
         return
     _WORKER.update(units=units, params=params, masks={}, margin=margin, crop_only=crop_only, hot=hot,
                    network=network, memory_format=memory_format)
-    context = multiprocessing.get_context("fork")
     try:
-        with context.Pool(nproc, initializer=_worker_start) as pool:
-            for item in pool.imap(_worker_prepare, range(len(units)), chunksize=4):
-                yield item if with_seconds else item[:3]
+        for item in in_workers(_worker_prepare, len(units), nproc, 4, _died_on):
+            yield item if with_seconds else item[:3]
     finally:
         _WORKER.clear()
 

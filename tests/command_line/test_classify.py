@@ -202,6 +202,45 @@ def test_worker_processes_give_the_same_rows(run_dir, tmp_path, monkeypatch):
     assert read_csv(tmp_path / "one" / "cnn_classification.csv") == read_csv(tmp_path / "two" / "cnn_classification.csv")
 
 
+def test_a_worker_process_that_dies_loses_no_image_and_hangs_nothing(run_dir, tmp_path, monkeypatch):
+    """A worker killed on an image (as the out-of-memory killer or a crash in a reader's compiled code
+    would) once: the image is read again and scored as usual. Killed on it every time: that image alone
+    becomes an error row, every other row is what one process gives."""
+    import signal
+
+    from dials_cnn import classify
+
+    directory, paths, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    import_stills(paths, "imported.expt")
+    model = f"model={directory / 'model.pt'}"
+    classify_command.run(["imported.expt", model, "nproc=1", "output.directory=one"])
+    parent, once = os.getpid(), tmp_path / "killed_once"
+    read_and_prepare = classify._read_and_prepare
+
+    def dying(unit, *args, **kwargs):
+        if os.getpid() != parent:
+            if unit.path == str(paths[1]) or (unit.path == str(paths[4]) and not once.exists()):
+                once.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return read_and_prepare(unit, *args, **kwargs)
+
+    def hung(signum, frame):
+        raise TimeoutError("dials.cnn_classify hung after a worker process died")
+
+    monkeypatch.setattr(classify, "_read_and_prepare", dying)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        classify_command.run(["imported.expt", model, "nproc=2", "output.directory=two"])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    one, two = read_csv(tmp_path / "one" / "cnn_classification.csv"), read_csv(tmp_path / "two" / "cnn_classification.csv")
+    assert once.exists() and len(two) == len(one) == 6
+    assert two[1]["decision"] == "error" and "worker process" in two[1]["error"] and two[1]["p_hit"] == ""
+    assert two[:1] + two[2:] == one[:1] + one[2:]
+
 def test_multi_image_idh5_file_indices_and_hits(run_dir, tmp_path, monkeypatch):
     """A CXIDB-76 style HDF5 file holding several stills: rows carry the index within the file."""
     from dials_cnn import layouts
