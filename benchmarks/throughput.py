@@ -82,8 +82,9 @@ def model_path(requested, cache):
     default model's architecture and preprocessing (speed does not depend on the weights)."""
     from dials_cnn.default_model import shipped_model_path
 
-    if requested:
-        return shipped_model_path(requested), "given"
+    if requested:  # the commands run in the run's own folder: a relative path would not be found there
+        path = shipped_model_path(requested)
+        return (os.path.abspath(path) if os.path.exists(path) else path), "given"
     if os.path.exists(shipped_model_path()):
         return shipped_model_path(), "shipped default"
     import torch

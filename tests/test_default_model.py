@@ -33,7 +33,9 @@ def test_the_shipped_models_are_small_and_describe_themselves(name):
     assert os.path.getsize(path) < 512 * 1024
     model = load_model(path)
     assert model.architecture == "spotcount"
-    assert tuple(model.architecture_kwargs["dilations"]) == default_model.CONTEXT_DILATIONS[name]
+    recipe = default_model.RECIPES[name]
+    assert tuple(model.architecture_kwargs["dilations"]) == recipe["dilations"]
+    assert bool(model.architecture_kwargs.get("separable", False)) == recipe["separable"]
     assert model.preprocess == default_model.default_preprocess()
     assert tuple(model.class_names) == CLASS_NAMES
     held_out = model.metrics["held_out_by_source"]
