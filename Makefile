@@ -13,7 +13,7 @@ demo: env
 test: env
 	$(PY) -m pytest -p no:cacheprovider tests
 
-# Reproduce the embedded models from scratch (simulated stills, < 1 h each on 2 cores).
+# Reproduce the embedded models from scratch (simulated stills; 48-85 min each on 2 cores, README).
 default-model: env
 	$(PY) -m dials_cnn.default_model --model default
 
