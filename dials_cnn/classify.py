@@ -7,7 +7,6 @@ input image is accounted for exactly once, in input order.
 """
 
 import copy
-import ctypes
 import dataclasses
 import logging
 import mmap
@@ -24,6 +23,7 @@ import torch
 
 from dials_cnn.decision import argmax_classes, hit_decisions, near_threshold_misses
 from dials_cnn.hot_pixels import MIN_IMAGES, detector_key, find_hot_pixels, mask_hot_pixels, sampled_bright_pixels
+from dials_cnn.memory import keep_freed_memory
 from dials_cnn.model import CLASS_NAMES
 from dials_cnn.preprocess import input_region, prepare
 from dials_cnn.projection import projection_for, read_panels, static_mask
@@ -127,21 +127,6 @@ def resolve_device(name="auto"):
     if name == "cuda" and not torch.cuda.is_available():
         raise DeviceError("device=cuda, but torch sees no CUDA GPU on this machine; use device=cpu or auto")
     return torch.device(name)
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed large blocks instead of returning them to the system.
-
-    Each image makes and drops a few dozen megabyte-sized arrays; by default glibc unmaps them on
-    free, and the next allocation page-faults them in again, which costs more than the arithmetic
-    (LCN of a 1024^2 crop: ~30 ms instead of ~50 ms measured here). Values are unchanged.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: heap, not mmap, for blocks below 1 GiB
-    libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD: do not give the heap top back below 2 GiB
 
 
 def inference_network(network, device=torch.device("cpu"), optimise=True):

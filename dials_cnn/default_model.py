@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from dials_cnn.memory import keep_freed_memory
+
 DATA_DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 DEFAULT_MODEL_PATH = os.path.join(DATA_DIRECTORY, "default_model.pt")
 FAST_MODEL_PATH = os.path.join(DATA_DIRECTORY, "fast_model.pt")
@@ -174,6 +176,7 @@ def simulate_inputs(sources, which, seed, preprocess, margin, nproc, log, cache=
     spot_maps = np.zeros((len(jobs), side // map_stride, side // map_stride), np.uint8) if map_stride else None
     groups, families = [], []
     started = time.time()
+    keep_freed_memory()  # inherited by the workers: a still's arrays are reused, not page-faulted in again
     context = multiprocessing.get_context("fork")
     with context.Pool(nproc, initializer=_init_worker, initargs=(preprocess.to_dict(), margin, map_stride)) as pool:
         for n, (k, x, spot_map, label, family) in enumerate(pool.imap(_make_input, jobs, chunksize=4)):

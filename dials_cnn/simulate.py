@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from dials_cnn import presets as presets_module
+from dials_cnn.memory import keep_freed_memory
 from dials_cnn.presets import get_preset
 
 logger = logging.getLogger("dials.cnn_simulate")
@@ -1738,6 +1739,7 @@ def _worker_image(index):
 
 
 def _iterate_stills(preset, seed, n_images, randomise, nproc):
+    keep_freed_memory()  # a still's full-frame arrays are reused, not page-faulted in again (memory.py)
     if nproc <= 1:
         for index in range(n_images):
             yield index, simulate_image(preset, seed, index, randomise)

@@ -23,6 +23,7 @@ import dials_cnn
 from dials_cnn.augment import GeometricAugment, centre_crops
 from dials_cnn.decision import hit_decisions
 from dials_cnn.fileio import atomic_path
+from dials_cnn.memory import keep_freed_memory
 from dials_cnn.model import CLASS_NAMES, ScreeningModel, build_network, check_input_size, save_model
 from dials_cnn.spot_targets import SPOT
 
@@ -264,6 +265,7 @@ def train(train_set, val_set, architecture="ke2018", architecture_kwargs=None, p
     log = log or logger.info
     if num_threads:
         torch.set_num_threads(num_threads)
+    keep_freed_memory()  # a step's activations are reused, not page-faulted in again (memory.py)
     if len(val_set) == 0:
         raise TrainingError("the validation set is empty")
     for name, dataset in (("training", train_set), ("validation", val_set), ("test", test_set)):
