@@ -13,7 +13,7 @@ demo: env
 test: env
 	$(PY) -m pytest -p no:cacheprovider tests
 
-# Reproduce the embedded models from scratch (simulated stills; the default 23 min on the 4 Dec 2-core machine, README).
+# Reproduce the embedded models from scratch (simulated stills; 22-23 min each on the 4 Dec 2-core machine, README).
 default-model: env
 	$(PY) -m dials_cnn.default_model --model default
 
